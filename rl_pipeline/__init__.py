@@ -1,0 +1,1 @@
+"""A Hydra-configured deep RL experiment pipeline: Lightning trains, MLflow tracks."""

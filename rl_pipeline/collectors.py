@@ -1,0 +1,97 @@
+"""Data collection: step the training env with the ε-greedy behaviour policy and fill the buffer."""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from gymnasium.vector import VectorEnv
+from torch import nn
+
+from rl_pipeline.validation import expected, non_negative_int, positive_int, probability
+
+
+def linear_schedule(start: float, end: float, duration: int, t: int) -> float:
+    """Moves linearly from `start` to `end` over `duration` steps, then holds `end`."""
+    if duration <= 0:
+        return end
+    return start + (end - start) * min(t / duration, 1.0)
+
+
+@dataclass
+class CollectStats:
+    episode_returns: list[float] = field(default_factory=list)
+    episode_lengths: list[int] = field(default_factory=list)
+
+
+class Collector:
+    """Steps `env` for `frames_per_iteration` frames (summed over its sub-envs) per `collect()` call.
+
+    Actions are uniformly random until `learning_starts` frames, then ε-greedy on the Q-network with
+    ε annealed linearly from `epsilon_start` to `epsilon_end` over `epsilon_fraction` of the budget.
+    """
+
+    def __init__(
+        self,
+        env: VectorEnv,
+        buffer,
+        frames_per_iteration: int,
+        max_env_steps: int,
+        epsilon_start: float = 1.0,
+        epsilon_end: float = 0.05,
+        epsilon_fraction: float = 0.1,
+        learning_starts: int = 1000,
+        seed: int = 0,
+    ):
+        self.env, self.buffer = env, buffer
+        self.num_envs = env.num_envs
+        self.frames_per_iteration = positive_int("frames_per_iteration", frames_per_iteration)
+        if frames_per_iteration % self.num_envs:
+            raise expected("frames_per_iteration", f"a multiple of env.num_envs ({self.num_envs})", frames_per_iteration)
+        self.epsilon_start = probability("epsilon_start", epsilon_start)
+        self.epsilon_end = probability("epsilon_end", epsilon_end)
+        self.epsilon_fraction = probability("epsilon_fraction", epsilon_fraction)
+        self.epsilon_duration = int(epsilon_fraction * positive_int("max_env_steps", max_env_steps))
+        self.learning_starts = non_negative_int("learning_starts", learning_starts)
+        self.seed = seed
+        self.env_steps = 0
+        self.observations = None
+        # Under NEXT_STEP autoreset, the step after an episode's end only resets that sub-env.
+        self.resetting = np.zeros(self.num_envs, dtype=bool)
+
+    @property
+    def warming_up(self) -> bool:
+        return self.env_steps < self.learning_starts
+
+    @property
+    def epsilon(self) -> float:
+        if self.warming_up:
+            return 1.0
+        return linear_schedule(self.epsilon_start, self.epsilon_end, self.epsilon_duration, self.env_steps)
+
+    @torch.no_grad()
+    def act(self, q_network: nn.Module, observations: np.ndarray) -> np.ndarray:
+        device = next(q_network.parameters()).device
+        actions = q_network(torch.as_tensor(observations, device=device)).argmax(dim=1).cpu()
+        explore = torch.rand(self.num_envs) < self.epsilon
+        random_actions = torch.randint(int(self.env.single_action_space.n), (self.num_envs,))
+        return torch.where(explore, random_actions, actions).numpy()
+
+    def collect(self, q_network: nn.Module) -> CollectStats:
+        if self.observations is None:
+            self.observations, _ = self.env.reset(seed=self.seed)
+        stats = CollectStats()
+        for _ in range(self.frames_per_iteration // self.num_envs):
+            actions = self.act(q_network, self.observations)
+            next_observations, rewards, terminated, truncated, info = self.env.step(actions)
+            real = ~self.resetting  # a reset step's (obs, next_obs) pair spans two episodes: never store it
+            self.buffer.add(
+                self.observations[real], actions[real], rewards[real], next_observations[real], terminated[real]
+            )
+            if "episode" in info:
+                finished = info["_episode"]
+                stats.episode_returns += info["episode"]["r"][finished].tolist()
+                stats.episode_lengths += info["episode"]["l"][finished].tolist()
+            self.resetting = terminated | truncated
+            self.observations = next_observations  # easy to forget: the next step starts from here
+            self.env_steps += self.num_envs
+        return stats

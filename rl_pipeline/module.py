@@ -1,0 +1,107 @@
+"""The LightningModule: one training_step is one DQN iteration, one validation is a greedy evaluation."""
+
+import copy
+import time
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from rl_pipeline.buffers import UniformReplayBuffer
+from rl_pipeline.collectors import Collector
+from rl_pipeline.evaluation import Evaluator, mean_lower_bound
+from rl_pipeline.losses import DQNLoss
+from rl_pipeline.networks import update_target
+from rl_pipeline.transforms import policy_input
+
+
+class DQNModule(pl.LightningModule):
+    def __init__(
+        self,
+        q_network: nn.Module,
+        loss_fn: DQNLoss,
+        buffer: UniformReplayBuffer,
+        collector: Collector,
+        optimizer: torch.optim.Optimizer,
+        transforms: list,
+        evaluator: Evaluator,
+        updates_per_iteration: int,
+        target_sync_interval_updates: int,
+        target_sync_tau: float,
+    ):
+        super().__init__()
+        self.automatic_optimization = False  # many updates per training_step, on our own schedule
+        self.q_network = q_network
+        self.target_network = copy.deepcopy(q_network).requires_grad_(False)
+        self.policy_input = policy_input(transforms)
+        self.loss_fn, self.buffer, self.collector = loss_fn, buffer, collector
+        self.optimizer, self.transforms = optimizer, transforms
+        self.evaluator = evaluator
+        self.updates_per_iteration = updates_per_iteration
+        self.target_sync_interval_updates = target_sync_interval_updates
+        self.target_sync_tau = target_sync_tau
+        self.num_updates = 0
+        self._clock = (time.perf_counter(), 0)  # (time, env steps) at the last iteration's end
+
+    @property
+    def policy(self) -> nn.Module:
+        """Greedy policy's Q-function on raw env observations: what evaluation runs and MLflow stores."""
+        return nn.Sequential(self.policy_input, self.q_network)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer
+
+    def training_step(self, iteration: int, batch_idx: int) -> None:
+        stats = self.collector.collect(self.q_network)
+        losses, q_values = [], []
+        if not self.collector.warming_up:
+            for _ in range(self.updates_per_iteration):
+                out = self.update(self.buffer.sample().to(self.device))
+                losses.append(out.loss.detach())
+                q_values.append(out.q_taken.mean())
+        self.log_iteration(stats, losses, q_values)
+
+    def update(self, batch):
+        optimizer = self.optimizers()
+        out = self.loss_fn(self.q_network, self.target_network, batch)
+        optimizer.zero_grad()
+        self.manual_backward(out.loss)
+        optimizer.step()
+        self.num_updates += 1
+        if self.num_updates % self.target_sync_interval_updates == 0:
+            update_target(self.target_network, self.q_network, self.target_sync_tau)
+        return out
+
+    def log_iteration(self, stats, losses, q_values) -> None:
+        env_steps = self.collector.env_steps
+        now = time.perf_counter()
+        then, steps_then = self._clock
+        self._clock = (now, env_steps)
+        metrics = {"train/epsilon": self.collector.epsilon, "perf/env_steps_per_sec": (env_steps - steps_then) / (now - then)}
+        if stats.episode_returns:
+            metrics["train/episode_return"] = float(np.mean(stats.episode_returns))
+        if losses:
+            metrics["train/loss"] = torch.stack(losses).mean()
+            metrics["train/q_mean"] = torch.stack(q_values).mean()
+        # Lightning sends a logged "step" to the loggers as the x-axis: env steps, not batches.
+        self.log_dict({**metrics, "step": float(env_steps)}, batch_size=1)
+        bar = {"env_steps": float(env_steps), "steps/s": metrics["perf/env_steps_per_sec"]}
+        if stats.episode_returns:
+            bar["return"] = metrics["train/episode_return"]
+        self.log_dict(bar, prog_bar=True, logger=False, batch_size=1)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        # Freeze the observation statistics of this moment into the policy (and so into its checkpoint).
+        self.policy_input = policy_input(self.transforms).to(self.device)
+        returns = self.evaluator(self.policy)
+        self.log_dict(
+            {
+                "eval/return_mean": float(returns.mean()),
+                "eval/return_std": float(returns.std()),
+                "eval/return_lower_bound": mean_lower_bound(returns),
+                "eval/episodes": float(len(returns)),
+                "step": float(self.collector.env_steps),
+            },
+            batch_size=1,
+        )

@@ -1,0 +1,191 @@
+"""Build every part from the config, fit the DQNModule, export the policy to MLflow."""
+
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+
+import mlflow
+import pytorch_lightning as pl
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.utilities.warnings import PossibleUserWarning
+from torch.utils.data import DataLoader
+
+from rl_pipeline import tracking
+from rl_pipeline.envs import require_discrete_actions, reward_threshold, wrap_for_training
+from rl_pipeline.evaluation import Evaluator
+from rl_pipeline.module import DQNModule
+from rl_pipeline.validation import ConfigError, boolean, expected, non_negative_int, positive_int, probability
+
+log = logging.getLogger(__name__)
+
+GROUPS = ("env", "transforms", "network", "loss", "buffer", "optimizer", "collector", "trainer", "logger")
+TOP_LEVEL_KEYS = {*GROUPS, "seed", "paths"}
+# Stopping and checkpoint selection use the lower confidence bound of the eval mean, not the mean:
+# a policy that scores 475 on 20 episodes by luck must not be the one that gets exported.
+STOP_METRIC = "eval/return_lower_bound"
+
+
+def build(node: DictConfig, key: str, **runtime_kwargs):
+    """hydra.utils.instantiate, with a config mistake reported against its full key."""
+    log.info("Instantiating %s <%s>", key, node.get("_target_"))
+    try:
+        return instantiate(node, **runtime_kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause.within(key) from None
+        raise ConfigError(key, str(cause or error).splitlines()[0]) from None
+
+
+def check_settings(cfg: DictConfig) -> None:
+    unknown = set(cfg) - TOP_LEVEL_KEYS
+    if unknown:
+        raise ConfigError(sorted(unknown)[0], f"unknown key; expected one of {', '.join(sorted(TOP_LEVEL_KEYS))}")
+    non_negative_int("seed", cfg.seed)
+    t = cfg.trainer
+    for key in ("max_env_steps", "updates_per_iteration", "target_sync_interval_updates",
+                "eval_interval_env_steps", "eval_episodes"):
+        positive_int(f"trainer.{key}", t[key])
+    non_negative_int("trainer.eval_seed", t.eval_seed)
+    non_negative_int("trainer.solved_confirm_episodes", t.solved_confirm_episodes)
+    probability("trainer.target_sync_tau", t.target_sync_tau)
+    if t.target_sync_tau == 0:
+        raise expected("trainer.target_sync_tau", "a number in (0, 1]", 0)
+    boolean("trainer.stop_when_solved", t.stop_when_solved)
+    if t.solved_return is not None and not isinstance(t.solved_return, (int, float)):
+        raise expected("trainer.solved_return", "a number, or null for the env's reward threshold", t.solved_return)
+
+
+def build_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
+    if "lr" in cfg.optimizer:
+        probability("optimizer.lr", cfg.optimizer.lr)
+    try:
+        return build(cfg.optimizer, "optimizer")(params)
+    except (TypeError, ValueError) as error:
+        raise ConfigError("optimizer", str(error)) from None
+
+
+def solved_return(cfg: DictConfig, env) -> float | None:
+    """The stop threshold: trainer.solved_return, else the env's; None when not stopping early."""
+    if not cfg.trainer.stop_when_solved:
+        return None
+    return cfg.trainer.solved_return if cfg.trainer.solved_return is not None else reward_threshold(env)
+
+
+def build_evaluator(cfg: DictConfig, env) -> Evaluator:
+    def make_env(num_envs: int):
+        return build(cfg.env, "env", num_envs=num_envs, vectorization_mode="sync")
+
+    return Evaluator(
+        make_env,
+        episodes=cfg.trainer.eval_episodes,
+        seed=cfg.trainer.eval_seed,
+        solved_return=solved_return(cfg, env),
+        confirm_episodes=cfg.trainer.solved_confirm_episodes,
+    )
+
+
+def build_module(cfg: DictConfig) -> DQNModule:
+    """Every part, in data-flow order; all config mistakes surface here, before MLflow or training."""
+    env = build(cfg.env, "env")
+    num_actions = require_discrete_actions(env)
+    transforms = [build(node, f"transforms.{name}") for name, node in cfg.transforms.items()]
+    train_env = wrap_for_training(env, transforms)
+    q_network = build(
+        cfg.network, "network", observation_shape=env.single_observation_space.shape, num_actions=num_actions
+    )
+    buffer = build(cfg.buffer, "buffer")
+    return DQNModule(
+        q_network=q_network,
+        loss_fn=build(cfg.loss, "loss"),
+        buffer=buffer,
+        collector=build(cfg.collector, "collector", env=train_env, buffer=buffer),
+        optimizer=build_optimizer(cfg, q_network.parameters()),
+        transforms=transforms,
+        evaluator=build_evaluator(cfg, env),
+        updates_per_iteration=cfg.trainer.updates_per_iteration,
+        target_sync_interval_updates=cfg.trainer.target_sync_interval_updates,
+        target_sync_tau=cfg.trainer.target_sync_tau,
+    )
+
+
+def build_callbacks(module: DQNModule, checkpoint_dir: Path) -> list[pl.Callback]:
+    checkpoint = ModelCheckpoint(
+        dirpath=checkpoint_dir, filename="best-{step}", monitor=STOP_METRIC, mode="max", save_last=True
+    )
+    callbacks = [checkpoint]
+    solved = module.evaluator.solved_return
+    if solved is not None:
+        log.info("Stopping once %s >= %s", STOP_METRIC, solved)
+        callbacks.append(
+            EarlyStopping(
+                monitor=STOP_METRIC,
+                mode="max",
+                stopping_threshold=solved,
+                patience=math.inf,  # stop when solved or out of budget, never for a plateau
+                check_on_train_epoch_end=False,
+            )
+        )
+    return callbacks
+
+
+def export_best(module: DQNModule, checkpoint_path: str) -> float:
+    """Log the best checkpoint's policy as the MLflow model; return its mean eval return.
+
+    When the run stops solved, the best checkpoint is the evaluation that stopped it.
+    """
+    module.load_state_dict(torch.load(checkpoint_path, map_location=module.device, weights_only=True)["state_dict"])
+    mlflow.log_artifact(checkpoint_path, "checkpoints")
+    policy = module.policy.cpu().eval()
+    tracking.log_policy(policy)
+    return float(module.evaluator(policy).mean())
+
+
+def train(cfg: DictConfig) -> float:
+    """Train one agent; return the exported policy's eval return (the objective for sweepers)."""
+    started = time.perf_counter()
+    check_settings(cfg)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = build_module(cfg)
+    frames = module.collector.frames_per_iteration
+    iterations = math.ceil(cfg.trainer.max_env_steps / frames)
+    output_dir = Path(cfg.paths.output_dir)
+    callbacks = build_callbacks(module, output_dir / "checkpoints")
+    checkpoint = callbacks[0]
+
+    with tracking.mlflow_run(cfg) as run:
+        logger = instantiate(cfg.logger, tracking_uri=tracking.tracking_uri(), run_id=run.info.run_id)
+        trainer: pl.Trainer = instantiate(
+            cfg.trainer.lightning,
+            logger=logger,
+            callbacks=callbacks,
+            default_root_dir=output_dir,
+            max_epochs=1,
+            val_check_interval=min(iterations, max(1, cfg.trainer.eval_interval_env_steps // frames)),
+            num_sanity_val_steps=0,
+        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*does not have many workers.*", PossibleUserWarning)
+            trainer.fit(
+                module,
+                train_dataloaders=DataLoader(range(iterations), batch_size=None),
+                val_dataloaders=DataLoader(range(1), batch_size=None),
+            )
+        final_checkpoint = output_dir / "checkpoints" / "final.ckpt"
+        trainer.save_checkpoint(final_checkpoint, weights_only=False)
+        mlflow.log_artifact(str(final_checkpoint), "checkpoints")
+
+        score = export_best(module, checkpoint.best_model_path)
+
+    print(
+        f"MLflow run {run.info.run_id}: eval return {score:.1f}, "
+        f"{module.collector.env_steps} env steps, {time.perf_counter() - started:.1f} s wall, "
+        f"store {tracking.tracking_uri()}"
+    )
+    return score

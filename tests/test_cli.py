@@ -1,0 +1,128 @@
+"""`python -m rl_pipeline` end to end, in subprocesses, against a real MLflow SQLite store."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+import torch
+
+from conftest import TINY_RUN, all_runs, run_cli
+
+METRICS = {
+    "train/episode_return", "train/loss", "train/q_mean", "train/epsilon",
+    "eval/return_mean", "eval/return_std", "perf/env_steps_per_sec",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One short CLI run, shared by the tests that read what it logged."""
+    tmp_path = tmp_path_factory.mktemp("tiny")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_cli("+experiment=dqn", "seed=3", *TINY_RUN, cwd=tmp_path, tracking_uri=uri)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = all_runs(uri)
+    return result, run, mlflow.MlflowClient(uri), uri
+
+
+def test_writes_one_finished_run_and_a_summary_line(tiny_run):
+    result, run, _, uri = tiny_run
+    assert run.info.status == "FINISHED"
+    summary = [line for line in result.stdout.splitlines() if line.startswith("MLflow run ")]
+    assert summary == [summary[0]] and run.info.run_id in summary[0]
+    assert "1024 env steps" in summary[0] and "eval return" in summary[0] and uri in summary[0]
+
+
+def test_params_are_the_resolved_config_under_dotted_keys(tiny_run):
+    _, run, _, _ = tiny_run
+    params = run.data.params
+    assert params["seed"] == "3"
+    assert params["env.id"] == "CartPole-v1"
+    assert params["optimizer.lr"] == "0.0023"
+    assert params["collector.max_env_steps"] == "1024"  # interpolations are resolved
+    assert params["network.hidden_sizes"] == "[256, 256]"
+    assert run.data.tags["overrides"].startswith("+experiment=dqn seed=3")
+
+
+def test_metrics_are_stepped_by_env_steps(tiny_run):
+    _, run, client, _ = tiny_run
+    assert METRICS <= set(run.data.metrics)
+    epsilon_steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/epsilon")]
+    assert epsilon_steps == list(range(256, 1025, 256))  # one point per iteration of 256 frames
+    eval_steps = [m.step for m in client.get_metric_history(run.info.run_id, "eval/return_mean")]
+    assert eval_steps == [512, 1024]
+
+
+def test_artifacts_hold_config_and_checkpoints(tiny_run):
+    _, run, client, _ = tiny_run
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "config.yaml" in top
+    checkpoints = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert "checkpoints/final.ckpt" in checkpoints
+    assert any(path.startswith("checkpoints/best") for path in checkpoints)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_logged_model_maps_raw_observations_to_q_values_at_any_batch_size(tiny_run, batch_size):
+    _, run, _, uri = tiny_run
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    assert model(torch.zeros(batch_size, 4)).shape == (batch_size, 2)
+
+
+def test_ctrl_c_marks_the_run_killed(tmp_path, tracking_uri):
+    env = {"MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rl_pipeline", "+experiment=dqn", "trainer.max_env_steps=10000000",
+         "trainer.lightning.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, env={**os.environ, **env},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (runs := all_runs(tracking_uri) if (tmp_path / "mlflow.db").exists() else []):
+            assert time.monotonic() < deadline and process.poll() is None, "the run never started"
+            time.sleep(0.5)
+        time.sleep(3)  # into the training loop
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) != 0
+    finally:
+        process.kill()
+    (run,) = all_runs(tracking_uri)
+    assert run.info.status == "KILLED"
+
+
+BAD_INPUTS = [
+    # (override, what the one-line message must name)
+    ("optimizer.lrr=0.1", "lrr"),  # unknown key
+    ("network=transformer", "network/transformer"),  # unknown group option
+    ("env.id=NoSuchEnv-v0", "env.id"),  # unknown env id
+    ("buffer.capacity=abc", "buffer.capacity"),  # wrong type
+    ("trainer.max_env_steps=many", "trainer.max_env_steps"),  # wrong type
+    ("buffer.batch_size=0", "buffer.batch_size"),  # non-positive size
+    ("env.num_envs=-2", "env.num_envs"),  # non-positive size
+    ("network.hidden_sizes=[64,0]", "network.hidden_sizes"),  # non-positive size
+    ("collector.epsilon_end=1.5", "collector.epsilon_end"),  # probability outside [0, 1]
+    ("loss.gamma=-0.1", "loss.gamma"),  # probability outside [0, 1]
+    ("optimizer.lr=-1", "optimizer.lr"),  # out of range
+]
+
+
+@pytest.mark.parametrize(("override", "named"), BAD_INPUTS, ids=[o for o, _ in BAD_INPUTS])
+def test_bad_input_exits_nonzero_naming_the_key_before_training(tmp_path, tracking_uri, override, named):
+    result = run_cli("+experiment=dqn", override, cwd=tmp_path, tracking_uri=tracking_uri)
+    assert result.returncode != 0
+    assert named in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "mlflow.db").exists()  # stopped before any MLflow run could be opened
+
+
+def test_another_env_option_trains_through_the_same_pipeline(tmp_path, tracking_uri):
+    result = run_cli("+experiment=dqn", "env=acrobot", *TINY_RUN, cwd=tmp_path, tracking_uri=tracking_uri)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run,) = all_runs(tracking_uri)
+    assert run.info.status == "FINISHED" and run.data.params["env.id"] == "Acrobot-v1"

@@ -1,0 +1,28 @@
+"""DQN learns: `+experiment=dqn seed=0` solves CartPole-v1, and the policy it logs holds up."""
+
+import mlflow
+
+from conftest import all_runs, run_cli
+from rl_pipeline.envs import make_vector_env
+from rl_pipeline.evaluation import evaluate
+
+FRESH_SEED = 987_654  # no run ever resets an env with these seeds
+
+
+def test_dqn_solves_cartpole_and_its_logged_policy_holds_on_fresh_episodes(tmp_path, tracking_uri):
+    result = run_cli("+experiment=dqn", "seed=0", "trainer.lightning.enable_progress_bar=false",
+                     cwd=tmp_path, tracking_uri=tracking_uri)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = all_runs(tracking_uri)
+    assert run.info.status == "FINISHED"
+
+    client = mlflow.MlflowClient(tracking_uri)
+    lower_bounds = client.get_metric_history(run.info.run_id, "eval/return_lower_bound")
+    stop = lower_bounds[-1]
+    assert stop.value >= 475, "the run ended without solving"
+    assert stop.step < int(run.data.params["trainer.max_env_steps"]), "solved only by running out of budget"
+
+    mlflow.set_tracking_uri(tracking_uri)
+    policy = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    returns = evaluate(policy, make_vector_env("CartPole-v1", num_envs=100), seed=FRESH_SEED)
+    assert returns.mean() >= 475, f"fresh episodes: mean {returns.mean():.1f}, min {returns.min():.0f}"

@@ -1,0 +1,40 @@
+import copy
+
+import pytest
+import torch
+
+from rl_pipeline.networks import MLP, update_target
+from rl_pipeline.validation import ConfigError
+
+
+@pytest.mark.parametrize("batch_size", [1, 5])
+def test_mlp_maps_observations_to_one_q_value_per_action(batch_size):
+    q_network = MLP(observation_shape=(4,), num_actions=3, hidden_sizes=[8, 8], activation="tanh")
+    assert q_network(torch.zeros(batch_size, 4)).shape == (batch_size, 3)
+
+
+def test_hard_sync_copies_the_online_weights_exactly():
+    online = MLP((4,), 2, [8])
+    target = copy.deepcopy(online)
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(torch.randn_like(p))
+    update_target(target, online, tau=1.0)
+    assert all(torch.equal(t, o) for t, o in zip(target.parameters(), online.parameters()))
+
+
+def test_polyak_sync_moves_tau_of_the_way():
+    online, target = MLP((4,), 2, [8]), MLP((4,), 2, [8])
+    before = [p.clone() for p in target.parameters()]
+    update_target(target, online, tau=0.1)
+    for t, b, o in zip(target.parameters(), before, online.parameters()):
+        assert torch.allclose(t, 0.9 * b + 0.1 * o)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [({"hidden_sizes": []}, "hidden_sizes"), ({"hidden_sizes": [8, 0]}, "hidden_sizes"), ({"activation": "swish"}, "activation")],
+)
+def test_rejects_bad_arguments_naming_the_key(kwargs, key):
+    with pytest.raises(ConfigError, match=f"^{key}: expected"):
+        MLP((4,), 2, **kwargs)
