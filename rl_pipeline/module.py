@@ -52,6 +52,9 @@ class DQNModule(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer
 
+    def on_train_start(self) -> None:
+        self._clock = (time.perf_counter(), self.collector.env_steps)
+
     def training_step(self, iteration: int, batch_idx: int) -> None:
         stats = self.collector.collect(self.q_network)
         losses, q_values = [], []

@@ -1,5 +1,6 @@
 """Build every part from the config, fit the DQNModule, export the policy to MLflow."""
 
+import inspect
 import logging
 import math
 import time
@@ -10,9 +11,9 @@ import mlflow
 import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig
-from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader
 
@@ -20,7 +21,15 @@ from rl_pipeline import tracking
 from rl_pipeline.envs import require_discrete_actions, reward_threshold, wrap_for_training
 from rl_pipeline.evaluation import Evaluator
 from rl_pipeline.module import DQNModule
-from rl_pipeline.validation import ConfigError, boolean, expected, non_negative_int, positive_int, probability
+from rl_pipeline.validation import (
+    ConfigError,
+    boolean,
+    expected,
+    non_negative_int,
+    positive_int,
+    positive_number,
+    probability,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +40,25 @@ TOP_LEVEL_KEYS = {*GROUPS, "seed", "paths"}
 STOP_METRIC = "eval/return_lower_bound"
 
 
+def check_keys(node: DictConfig, key: str, runtime_kwargs: dict) -> None:
+    """Every key of `node` must be an argument of its target (a typo added with `+` included)."""
+    try:
+        target = get_object(node._target_)
+    except Exception:
+        raise expected(f"{key}._target_", "an importable class or function", node.get("_target_")) from None
+    params = inspect.signature(target).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [name for name in params if name not in runtime_kwargs and name not in ("self", "params")]
+    for name in node:
+        if not name.startswith("_") and name not in params:
+            raise ConfigError(f"{key}.{name}", f"unknown key; expected one of {', '.join(accepted)}")
+
+
 def build(node: DictConfig, key: str, **runtime_kwargs):
     """hydra.utils.instantiate, with a config mistake reported against its full key."""
     log.info("Instantiating %s <%s>", key, node.get("_target_"))
+    check_keys(node, key, runtime_kwargs)
     try:
         return instantiate(node, **runtime_kwargs)
     except InstantiationException as error:
@@ -64,10 +89,11 @@ def check_settings(cfg: DictConfig) -> None:
 
 def build_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
     if "lr" in cfg.optimizer:
-        probability("optimizer.lr", cfg.optimizer.lr)
+        positive_number("optimizer.lr", cfg.optimizer.lr)
+    make_optimizer = build(cfg.optimizer, "optimizer")
     try:
-        return build(cfg.optimizer, "optimizer")(params)
-    except (TypeError, ValueError) as error:
+        return make_optimizer(params)
+    except (TypeError, ValueError) as error:  # torch's own argument checks
         raise ConfigError("optimizer", str(error)) from None
 
 
@@ -115,7 +141,19 @@ def build_module(cfg: DictConfig) -> DQNModule:
     )
 
 
-def build_callbacks(module: DQNModule, checkpoint_dir: Path) -> list[pl.Callback]:
+class ProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, with whole env steps and steps/s, and without the logger's run id."""
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        for key in ("env_steps", "steps/s"):
+            if key in metrics:
+                metrics[key] = int(metrics[key])
+        return metrics
+
+
+def build_callbacks(cfg: DictConfig, module: DQNModule, checkpoint_dir: Path) -> list[pl.Callback]:
     checkpoint = ModelCheckpoint(
         dirpath=checkpoint_dir, filename="best-{step}", monitor=STOP_METRIC, mode="max", save_last=True
     )
@@ -132,6 +170,8 @@ def build_callbacks(module: DQNModule, checkpoint_dir: Path) -> list[pl.Callback
                 check_on_train_epoch_end=False,
             )
         )
+    if cfg.trainer.lightning.get("enable_progress_bar", True):
+        callbacks.append(ProgressBar())
     return callbacks
 
 
@@ -156,7 +196,7 @@ def train(cfg: DictConfig) -> float:
     frames = module.collector.frames_per_iteration
     iterations = math.ceil(cfg.trainer.max_env_steps / frames)
     output_dir = Path(cfg.paths.output_dir)
-    callbacks = build_callbacks(module, output_dir / "checkpoints")
+    callbacks = build_callbacks(cfg, module, output_dir / "checkpoints")
     checkpoint = callbacks[0]
 
     with tracking.mlflow_run(cfg) as run:

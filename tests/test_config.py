@@ -6,6 +6,7 @@ from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, compose_config
 from rl_pipeline.module import DQNModule
+from rl_pipeline.tracking import flatten
 from rl_pipeline.train import GROUPS, build_module, check_settings
 
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))]
@@ -26,11 +27,18 @@ def test_option_composes_and_builds(group, option):
     assert module.policy(torch.as_tensor(observation)).shape == (cfg.trainer.eval_episodes, env.single_action_space.n)
 
 
-def test_experiment_dqn_overrides_only_what_it_names():
-    base = OmegaConf.to_container(compose_config().collector)
-    dqn = OmegaConf.to_container(compose_config("+experiment=dqn").collector)
-    changed = {key for key in base if base[key] != dqn[key]}
-    assert changed == {"epsilon_end", "epsilon_fraction"}
+EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_values_win_over_the_group_defaults(experiment):
+    preset = OmegaConf.load(CONF_DIR / "experiment" / f"{experiment}.yaml")
+    cfg = compose_config(f"+experiment={experiment}")
+    overrides = flatten(OmegaConf.to_container(preset))
+    overrides.pop("defaults", None)
+    assert overrides, "an experiment that sets nothing"
+    for key, value in overrides.items():
+        assert OmegaConf.select(cfg, key) == value, key
 
 
 def test_collector_budget_follows_the_trainer_budget():
