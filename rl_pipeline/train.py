@@ -35,13 +35,22 @@ log = logging.getLogger(__name__)
 
 GROUPS = ("env", "transforms", "network", "loss", "buffer", "optimizer", "collector", "trainer", "logger")
 TOP_LEVEL_KEYS = {*GROUPS, "seed", "paths"}
+TRAINER_KEYS = {
+    "max_env_steps", "updates_per_iteration", "target_sync_interval_updates", "target_sync_tau",
+    "eval_interval_env_steps", "eval_episodes", "eval_seed", "stop_when_solved", "solved_return",
+    "solved_confirm_episodes", "lightning",
+}
+# pl.Trainer arguments that follow from the env-step budget and the run: not for trainer.lightning.
+PIPELINE_TRAINER_ARGS = (
+    "logger", "callbacks", "default_root_dir", "max_epochs", "val_check_interval", "num_sanity_val_steps",
+)
 # Stopping and checkpoint selection use the lower confidence bound of the eval mean, not the mean:
 # a policy that scores 475 on 20 episodes by luck must not be the one that gets exported.
 STOP_METRIC = "eval/return_lower_bound"
 
 
-def check_keys(node: DictConfig, key: str, runtime_kwargs: dict) -> None:
-    """Every key of `node` must be an argument of its target (a typo added with `+` included)."""
+def check_keys(node: DictConfig, key: str, runtime_kwargs) -> None:
+    """Every key of `node` must be an argument of its target that the pipeline does not pass itself."""
     try:
         target = get_object(node._target_)
     except Exception:
@@ -51,6 +60,8 @@ def check_keys(node: DictConfig, key: str, runtime_kwargs: dict) -> None:
         return
     accepted = [name for name in params if name not in runtime_kwargs and name not in ("self", "params")]
     for name in node:
+        if name in runtime_kwargs:
+            raise ConfigError(f"{key}.{name}", "set by the pipeline itself; remove it from the config")
         if not name.startswith("_") and name not in params:
             raise ConfigError(f"{key}.{name}", f"unknown key; expected one of {', '.join(accepted)}")
 
@@ -68,10 +79,18 @@ def build(node: DictConfig, key: str, **runtime_kwargs):
         raise ConfigError(key, str(cause or error).splitlines()[0]) from None
 
 
-def check_settings(cfg: DictConfig) -> None:
-    unknown = set(cfg) - TOP_LEVEL_KEYS
+def check_no_unknown_keys(node: DictConfig, prefix: str, known: set[str]) -> None:
+    unknown = sorted(set(node) - known)
     if unknown:
-        raise ConfigError(sorted(unknown)[0], f"unknown key; expected one of {', '.join(sorted(TOP_LEVEL_KEYS))}")
+        raise ConfigError(f"{prefix}{unknown[0]}", f"unknown key; expected one of {', '.join(sorted(known))}")
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """The settings that no instantiated part checks: top-level keys, trainer, Lightning, logger."""
+    check_no_unknown_keys(cfg, "", TOP_LEVEL_KEYS)
+    check_no_unknown_keys(cfg.trainer, "trainer.", TRAINER_KEYS)
+    check_keys(cfg.trainer.lightning, "trainer.lightning", PIPELINE_TRAINER_ARGS)
+    check_keys(cfg.logger, "logger", ("tracking_uri", "run_id"))
     non_negative_int("seed", cfg.seed)
     t = cfg.trainer
     for key in ("max_env_steps", "updates_per_iteration", "target_sync_interval_updates",
@@ -153,10 +172,7 @@ class ProgressBar(TQDMProgressBar):
         return metrics
 
 
-def build_callbacks(cfg: DictConfig, module: DQNModule, checkpoint_dir: Path) -> list[pl.Callback]:
-    checkpoint = ModelCheckpoint(
-        dirpath=checkpoint_dir, filename="best-{step}", monitor=STOP_METRIC, mode="max", save_last=True
-    )
+def build_callbacks(cfg: DictConfig, module: DQNModule, checkpoint: ModelCheckpoint) -> list[pl.Callback]:
     callbacks = [checkpoint]
     solved = module.evaluator.solved_return
     if solved is not None:
@@ -196,15 +212,16 @@ def train(cfg: DictConfig) -> float:
     frames = module.collector.frames_per_iteration
     iterations = math.ceil(cfg.trainer.max_env_steps / frames)
     output_dir = Path(cfg.paths.output_dir)
-    callbacks = build_callbacks(cfg, module, output_dir / "checkpoints")
-    checkpoint = callbacks[0]
+    checkpoint = ModelCheckpoint(
+        dirpath=output_dir / "checkpoints", filename="best-{step}", monitor=STOP_METRIC, mode="max", save_last=True
+    )
 
     with tracking.mlflow_run(cfg) as run:
         logger = instantiate(cfg.logger, tracking_uri=tracking.tracking_uri(), run_id=run.info.run_id)
         trainer: pl.Trainer = instantiate(
             cfg.trainer.lightning,
             logger=logger,
-            callbacks=callbacks,
+            callbacks=build_callbacks(cfg, module, checkpoint),
             default_root_dir=output_dir,
             max_epochs=1,
             val_check_interval=min(iterations, max(1, cfg.trainer.eval_interval_env_steps // frames)),

@@ -99,6 +99,10 @@ def test_ctrl_c_marks_the_run_killed(tmp_path, tracking_uri):
 BAD_INPUTS = [
     # (override, what the one-line message must name)
     ("optimizer.lrr=0.1", "lrr"),  # unknown key
+    ("+buffer.capcity=3", "buffer.capcity"),  # unknown key, added with +
+    ("+foo=1", "foo"),  # unknown top-level key
+    ("+trainer.lightning.max_epochs=3", "trainer.lightning.max_epochs"),  # the env-step budget decides
+    ("seed=abc", "seed"),  # wrong type
     ("network=transformer", "network/transformer"),  # unknown group option
     ("env.id=NoSuchEnv-v0", "env.id"),  # unknown env id
     ("buffer.capacity=abc", "buffer.capacity"),  # wrong type
