@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import TINY_RUN, all_runs, run_cli
+from rl_pipeline.transforms import ObservationNormalizer
 
 METRICS = {
     "train/episode_return", "train/loss", "train/q_mean", "train/epsilon",
@@ -72,6 +73,20 @@ def test_logged_model_maps_raw_observations_to_q_values_at_any_batch_size(tiny_r
     mlflow.set_tracking_uri(uri)
     model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
     assert model(torch.zeros(batch_size, 4)).shape == (batch_size, 2)
+
+
+def test_logged_model_carries_the_frozen_observation_normalization(tmp_path, tracking_uri):
+    result = run_cli("+experiment=dqn", "transforms=normalize_obs", *TINY_RUN, cwd=tmp_path, tracking_uri=tracking_uri)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run,) = all_runs(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    normalizer, q_network = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    (frozen,) = normalizer
+    assert isinstance(frozen, ObservationNormalizer)
+    assert frozen.mean.abs().sum() > 0 and not torch.allclose(frozen.var, torch.ones(4))  # learned, not initial
+    observations = torch.randn(5, 4)
+    expected = q_network((observations - frozen.mean) / torch.sqrt(frozen.var + frozen.epsilon))
+    assert torch.allclose(mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")(observations), expected)
 
 
 def test_ctrl_c_marks_the_run_killed(tmp_path, tracking_uri):

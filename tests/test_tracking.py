@@ -1,0 +1,43 @@
+from contextlib import nullcontext
+
+import mlflow
+import pytest
+
+from conftest import all_runs, compose_config
+from rl_pipeline import tracking
+
+
+@pytest.fixture
+def store(tracking_uri, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    return tracking_uri
+
+
+def test_flatten_gives_the_keys_a_user_overrides():
+    nested = {"optimizer": {"lr": 0.1, "betas": [0.9, 0.99]}, "seed": 0, "transforms": {}}
+    assert tracking.flatten(nested) == {"optimizer.lr": 0.1, "optimizer.betas": [0.9, 0.99], "seed": 0, "transforms": {}}
+
+
+def test_run_name_is_the_overrides_with_short_keys():
+    assert tracking.run_name(["+experiment=dqn", "optimizer.lr=0.001", "seed=1"]) == "experiment=dqn,lr=0.001,seed=1"
+    assert tracking.run_name([]) == "defaults"
+
+
+def test_sqlite_artifacts_live_beside_the_database(tmp_path):
+    assert tracking.artifact_location(f"sqlite:///{tmp_path}/mlflow.db") == (tmp_path / "mlartifacts").as_uri()
+    assert tracking.artifact_location("http://127.0.0.1:5000") is None
+
+
+@pytest.mark.parametrize(
+    ("error", "status"), [(None, "FINISHED"), (RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")]
+)
+def test_run_ends_with_the_status_of_how_its_block_ended(store, error, status):
+    cfg = compose_config("+experiment=dqn", "paths.output_dir=unused")
+    with pytest.raises(type(error)) if error else nullcontext():
+        with tracking.mlflow_run(cfg):
+            if error:
+                raise error
+    (run,) = all_runs(store)
+    assert run.info.status == status
+    assert mlflow.active_run() is None
+
