@@ -1,10 +1,14 @@
 """Greedy evaluation on fixed seeds, sized so that 'solved' means the policy holds."""
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium.vector import VectorEnv
+from PIL import Image
 from torch import nn
 
 
@@ -56,3 +60,28 @@ class Evaluator:
             confirmation = evaluate(policy, self.confirm_env, self.seed + len(returns))
             returns = np.concatenate([returns, confirmation])
         return returns
+
+
+@torch.no_grad()
+def record_gif(
+    policy: nn.Module, env_id: str, path: Path, seed: int, max_frames: int = 150, every: int = 2
+) -> Path | None:
+    """A greedy episode rendered to an animated GIF (every `every`-th frame, at most `max_frames`).
+
+    None where the env cannot render to an array.
+    """
+    if "rgb_array" not in gym.make(env_id).metadata.get("render_modes", []):
+        return None
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame draws off-screen; no display here
+    env = gym.make(env_id, render_mode="rgb_array")
+    observation, _ = env.reset(seed=seed)
+    frames, done, t = [], False, 0
+    while not done and len(frames) < max_frames:
+        if t % every == 0:
+            frames.append(Image.fromarray(env.render()).reduce(2))
+        action = policy(torch.as_tensor(observation).unsqueeze(0)).argmax(dim=1).item()
+        observation, _, terminated, truncated, _ = env.step(action)
+        done, t = terminated or truncated, t + 1
+    env.close()
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=40 * every, loop=0)
+    return path

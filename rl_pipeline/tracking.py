@@ -1,20 +1,25 @@
 """MLflow: where the store is, one run per Hydra job, its params, tags, status and artifacts."""
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from mlflow.entities import RunStatus
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import rl_pipeline
+from rl_pipeline.plots import Curve, plot_curves
 
 DEFAULT_STORE = Path("outputs") / "mlflow.db"
+SWEEP_ENV = "RL_PIPELINE_SWEEP"  # set by the sweep callback for the jobs it launches
 
 
 def tracking_uri() -> str:
@@ -44,13 +49,25 @@ def task_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+def override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def run_name(overrides: list[str]) -> str:
     """`+experiment=dqn seed=1` -> `experiment=dqn,seed=1`; the last key part keeps names short."""
-    parts = [o.lstrip("+~").split("=", 1) for o in overrides if "=" in o]
+    parts = [(override_key(o), o.split("=", 1)[1]) for o in overrides if "=" in o]
     return ",".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in parts) or "defaults"
 
 
-def _experiment_id(name: str, uri: str) -> str:
+def current_sweep() -> dict | None:
+    """{"parent_run_id", "swept_keys"} when this job is one of a Hydra multirun (see sweeps.py)."""
+    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+        return None
+    sweep = os.environ.get(SWEEP_ENV)
+    return json.loads(sweep) if sweep else None
+
+
+def experiment_id(name: str, uri: str) -> str:
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
@@ -64,10 +81,19 @@ def mlflow_run(cfg: DictConfig) -> Iterator[mlflow.ActiveRun]:
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     overrides = task_overrides()
+    tags = {"overrides": " ".join(overrides)}
+    sweep = current_sweep()
+    if sweep:  # a child of the sweep's parent run, named by what the sweep varies
+        tags |= {
+            "mlflow.parentRunId": sweep["parent_run_id"],
+            "sweep_id": sweep["parent_run_id"],
+            "swept_keys": json.dumps(sweep["swept_keys"]),
+        }
+        overrides = [o for o in overrides if override_key(o) in sweep["swept_keys"]]
     run = mlflow.start_run(
-        experiment_id=_experiment_id(cfg.logger.experiment_name, uri),
+        experiment_id=experiment_id(cfg.logger.experiment_name, uri),
         run_name=cfg.logger.run_name or run_name(overrides),
-        tags={"overrides": " ".join(overrides)},
+        tags=tags,
     )
     status = RunStatus.FAILED
     try:
@@ -97,3 +123,23 @@ def log_policy(policy: nn.Module) -> None:
         code_paths=[str(Path(rl_pipeline.__file__).parent)],
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
     )
+
+
+def metric_curve(client: mlflow.MlflowClient, run_id: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(env steps, values) of one metric of one run."""
+    history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+    return np.array([m.step for m in history]), np.array([m.value for m in history])
+
+
+def log_learning_curve(run_id: str, directory: Path) -> None:
+    """learning_curve.png: training episode returns, and the greedy evaluations with their ±1 std band."""
+    client = mlflow.MlflowClient()
+    train_steps, train_returns = metric_curve(client, run_id, "train/episode_return")
+    eval_steps, eval_mean = metric_curve(client, run_id, "eval/return_mean")
+    _, eval_std = metric_curve(client, run_id, "eval/return_std")
+    curves = [
+        Curve("training episodes (ε-greedy)", train_steps, train_returns),
+        Curve("greedy evaluation, mean ± std", eval_steps, eval_mean, eval_mean - eval_std, eval_mean + eval_std),
+    ]
+    title = client.get_run(run_id).info.run_name
+    mlflow.log_artifact(str(plot_curves(curves, directory / "learning_curve.png", title, ylabel="return")))

@@ -15,11 +15,12 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
+from torch import nn
 from torch.utils.data import DataLoader
 
 from rl_pipeline import tracking
 from rl_pipeline.envs import require_discrete_actions, reward_threshold, wrap_for_training
-from rl_pipeline.evaluation import Evaluator
+from rl_pipeline.evaluation import Evaluator, record_gif
 from rl_pipeline.module import DQNModule
 from rl_pipeline.validation import (
     ConfigError,
@@ -191,8 +192,8 @@ def build_callbacks(cfg: DictConfig, module: DQNModule, checkpoint: ModelCheckpo
     return callbacks
 
 
-def export_best(module: DQNModule, checkpoint_path: str) -> float:
-    """Log the best checkpoint's policy as the MLflow model; return its mean eval return.
+def export_best(module: DQNModule, checkpoint_path: str) -> nn.Module:
+    """Log the best checkpoint's policy as the MLflow model, and return it.
 
     When the run stops solved, the best checkpoint is the evaluation that stopped it.
     """
@@ -200,7 +201,25 @@ def export_best(module: DQNModule, checkpoint_path: str) -> float:
     mlflow.log_artifact(checkpoint_path, "checkpoints")
     policy = module.policy.cpu().eval()
     tracking.log_policy(policy)
-    return float(module.evaluator(policy).mean())
+    return policy
+
+
+def log_results(cfg: DictConfig, module: DQNModule, policy: nn.Module, solved: bool, started: float) -> float:
+    """The run's summary metrics, learning curve and episode GIF; returns the exported policy's eval return."""
+    run_id = mlflow.active_run().info.run_id
+    output_dir = Path(cfg.paths.output_dir)
+    eval_return = float(module.evaluator(policy).mean())
+    env_steps = module.collector.env_steps
+    summary = {"final/eval_return": eval_return, "final/env_steps": env_steps}
+    if solved:
+        summary["final/solved_env_steps"] = env_steps
+    summary["final/wall_seconds"] = time.perf_counter() - started
+    mlflow.log_metrics(summary, step=env_steps)
+    tracking.log_learning_curve(run_id, output_dir)
+    gif = record_gif(policy, cfg.env.id, output_dir / "episode.gif", seed=cfg.trainer.eval_seed)
+    if gif is not None:
+        mlflow.log_artifact(str(gif))
+    return eval_return
 
 
 def train(cfg: DictConfig) -> float:
@@ -238,7 +257,10 @@ def train(cfg: DictConfig) -> float:
         trainer.save_checkpoint(final_checkpoint, weights_only=False)
         mlflow.log_artifact(str(final_checkpoint), "checkpoints")
 
-        score = export_best(module, checkpoint.best_model_path)
+        policy = export_best(module, checkpoint.best_model_path)
+        threshold = module.evaluator.solved_return
+        solved = threshold is not None and checkpoint.best_model_score >= threshold
+        score = log_results(cfg, module, policy, solved, started)
 
     print(
         f"MLflow run {run.info.run_id}: eval return {score:.1f}, "

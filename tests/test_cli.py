@@ -52,16 +52,17 @@ def test_params_are_the_resolved_config_under_dotted_keys(tiny_run):
 def test_metrics_are_stepped_by_env_steps(tiny_run):
     _, run, client, _ = tiny_run
     assert METRICS <= set(run.data.metrics)
+    assert run.data.metrics["final/env_steps"] == 1024 and "final/eval_return" in run.data.metrics
     epsilon_steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/epsilon")]
     assert epsilon_steps == list(range(256, 1025, 256))  # one point per iteration of 256 frames
     eval_steps = [m.step for m in client.get_metric_history(run.info.run_id, "eval/return_mean")]
     assert eval_steps == [512, 1024]
 
 
-def test_artifacts_hold_config_and_checkpoints(tiny_run):
+def test_artifacts_hold_config_plots_and_checkpoints(tiny_run):
     _, run, client, _ = tiny_run
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert "config.yaml" in top
+    assert {"config.yaml", "learning_curve.png", "episode.gif"} <= top
     checkpoints = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
     assert "checkpoints/final.ckpt" in checkpoints
     assert any(path.startswith("checkpoints/best") for path in checkpoints)
