@@ -1,5 +1,6 @@
 """Hydra multirun -> one MLflow parent run holding a child run per job, and the sweep's comparison."""
 
+import atexit
 import json
 import logging
 import os
@@ -43,7 +44,13 @@ class MLflowSweep(Callback):
         self.parent_run_id = parent.info.run_id
         client.set_tag(self.parent_run_id, "sweep_id", self.parent_run_id)
         os.environ[tracking.SWEEP_ENV] = json.dumps({"parent_run_id": self.parent_run_id, "swept_keys": keys})
+        # Hydra skips on_multirun_end when a job raises or the sweep is interrupted: never leave the parent RUNNING.
+        atexit.register(self.close_if_open, client)
         log.info("MLflow sweep %s: child runs nest under it", self.parent_run_id)
+
+    def close_if_open(self, client: mlflow.MlflowClient) -> None:
+        if client.get_run(self.parent_run_id).info.status == "RUNNING":
+            client.set_terminated(self.parent_run_id, RunStatus.to_string(RunStatus.FAILED))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         os.environ.pop(tracking.SWEEP_ENV, None)
@@ -58,6 +65,7 @@ class MLflowSweep(Callback):
             self.tag_best(client, finished)
         ok = children and len(finished) == len(children)
         client.set_terminated(self.parent_run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
+        atexit.unregister(self.close_if_open)
 
     def tag_best(self, client: mlflow.MlflowClient, runs: list) -> None:
         """The best job's run id, eval return and swept params, as tags of the parent."""

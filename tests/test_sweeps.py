@@ -144,3 +144,17 @@ def test_compare_cli_rebuilds_the_report_for_a_sweep_and_for_an_experiment(tmp_p
         table = (out / "comparison.md").read_text().splitlines()
         assert len(table) == 2 + len(children)  # header, rule, one row per child run (parents left out)
         assert all(child.info.run_name in "\n".join(table) for child in children)
+
+
+def test_a_failing_job_leaves_no_run_running(tmp_path, tracking_uri):
+    # The second job's env cannot be built: Hydra stops the sweep and skips its end-of-sweep callback.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    result = subprocess.run(
+        [sys.executable, "-m", "rl_pipeline", "-m", "+experiment=dqn", "env.id=CartPole-v1,NoSuchEnv-v0", *TINY_RUN],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode != 0 and "env.id" in result.stderr
+    runs = all_runs(tracking_uri)
+    assert {run.info.status for run in runs} == {"FINISHED", "FAILED"}
+    parent, children = parent_and_children(runs)
+    assert parent.info.status == "FAILED" and [c.info.status for c in children] == ["FINISHED"]
