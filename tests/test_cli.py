@@ -146,3 +146,19 @@ def test_another_env_option_trains_through_the_same_pipeline(tmp_path, tracking_
     assert result.returncode == 0, result.stderr[-2000:]
     (run,) = all_runs(tracking_uri)
     assert run.info.status == "FINISHED" and run.data.params["env.id"] == "Acrobot-v1"
+
+
+def test_same_config_and_seed_give_identical_metrics_at_every_step(tmp_path):
+    histories = []
+    for attempt in ("first", "second"):
+        uri = f"sqlite:///{tmp_path / attempt}.db"
+        result = run_cli("+experiment=dqn", "seed=5", *TINY_RUN, cwd=tmp_path, tracking_uri=uri)
+        assert result.returncode == 0, result.stderr[-2000:]
+        (run,) = all_runs(uri)
+        client = mlflow.MlflowClient(uri)
+        histories.append({
+            key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+            for key in ("train/loss", "train/q_mean", "train/episode_return", "eval/return_mean")
+        })
+    assert histories[0] == histories[1]
+    assert len(histories[0]["train/loss"]) == 4  # one point per iteration once learning_starts frames are in
