@@ -16,6 +16,10 @@ from rl_pipeline.networks import update_target
 from rl_pipeline.transforms import policy_input
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: every later update would be garbage."""
+
+
 class DQNModule(pl.LightningModule):
     def __init__(
         self,
@@ -29,6 +33,7 @@ class DQNModule(pl.LightningModule):
         updates_per_iteration: int,
         target_sync_interval_updates: int,
         target_sync_tau: float,
+        max_grad_norm: float | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False  # many updates per training_step, on our own schedule
@@ -41,6 +46,7 @@ class DQNModule(pl.LightningModule):
         self.updates_per_iteration = updates_per_iteration
         self.target_sync_interval_updates = target_sync_interval_updates
         self.target_sync_tau = target_sync_tau
+        self.max_grad_norm = max_grad_norm
         self.num_updates = 0
         self._clock = (time.perf_counter(), 0)  # (time, env steps) at the last iteration's end
 
@@ -68,8 +74,14 @@ class DQNModule(pl.LightningModule):
     def update(self, batch):
         optimizer = self.optimizers()
         out = self.loss_fn(self.q_network, self.target_network, batch)
+        if not torch.isfinite(out.loss):
+            raise TrainingDiverged(
+                f"loss is {out.loss.item()} at env step {self.collector.env_steps} (update {self.num_updates + 1})"
+            )
         optimizer.zero_grad()
         self.manual_backward(out.loss)
+        if self.max_grad_norm is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
         optimizer.step()
         self.num_updates += 1
         if self.num_updates % self.target_sync_interval_updates == 0:

@@ -14,6 +14,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from torch import nn
 from torch.utils.data import DataLoader
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader
 from rl_pipeline import tracking
 from rl_pipeline.envs import require_discrete_actions, reward_threshold, wrap_for_training
 from rl_pipeline.evaluation import Evaluator, record_gif
-from rl_pipeline.module import DQNModule
+from rl_pipeline.module import DQNModule, TrainingDiverged
 from rl_pipeline.validation import (
     ConfigError,
     boolean,
@@ -39,7 +40,7 @@ TOP_LEVEL_KEYS = {*GROUPS, "seed", "paths"}
 TRAINER_KEYS = {
     "max_env_steps", "updates_per_iteration", "target_sync_interval_updates", "target_sync_tau",
     "eval_interval_env_steps", "eval_episodes", "eval_seed", "stop_when_solved", "solved_return",
-    "solved_confirm_episodes", "lightning",
+    "solved_confirm_episodes", "max_grad_norm", "lightning",
 }
 # pl.Trainer arguments that follow from the env-step budget and the run: not for trainer.lightning.
 PIPELINE_TRAINER_ARGS = (
@@ -103,6 +104,8 @@ def check_settings(cfg: DictConfig) -> None:
     if t.target_sync_tau == 0:
         raise expected("trainer.target_sync_tau", "a number in (0, 1]", 0)
     boolean("trainer.stop_when_solved", t.stop_when_solved)
+    if t.max_grad_norm is not None:
+        positive_number("trainer.max_grad_norm", t.max_grad_norm)
     if t.solved_return is not None and not isinstance(t.solved_return, (int, float)):
         raise expected("trainer.solved_return", "a number, or null for the env's reward threshold", t.solved_return)
 
@@ -158,6 +161,7 @@ def build_module(cfg: DictConfig) -> DQNModule:
         updates_per_iteration=cfg.trainer.updates_per_iteration,
         target_sync_interval_updates=cfg.trainer.target_sync_interval_updates,
         target_sync_tau=cfg.trainer.target_sync_tau,
+        max_grad_norm=cfg.trainer.max_grad_norm,
     )
 
 
@@ -173,8 +177,20 @@ class ProgressBar(TQDMProgressBar):
         return metrics
 
 
+class CheckpointOnInterrupt(pl.Callback):
+    """On Ctrl-C or SIGTERM, saves where training stopped, before the run ends KILLED."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+            trainer.save_checkpoint(self.path, weights_only=False)
+            log.info("Saved %s", self.path)
+
+
 def build_callbacks(cfg: DictConfig, module: DQNModule, checkpoint: ModelCheckpoint) -> list[pl.Callback]:
-    callbacks = [checkpoint]
+    callbacks = [checkpoint, CheckpointOnInterrupt(Path(checkpoint.dirpath) / "interrupted.ckpt")]
     solved = module.evaluator.solved_return
     if solved is not None:
         log.info("Stopping once %s >= %s", STOP_METRIC, solved)
@@ -248,11 +264,15 @@ def train(cfg: DictConfig) -> float:
         )
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*does not have many workers.*", PossibleUserWarning)
-            trainer.fit(
-                module,
-                train_dataloaders=DataLoader(range(iterations), batch_size=None),
-                val_dataloaders=DataLoader(range(1), batch_size=None),
-            )
+            try:
+                trainer.fit(
+                    module,
+                    train_dataloaders=DataLoader(range(iterations), batch_size=None),
+                    val_dataloaders=DataLoader(range(1), batch_size=None),
+                )
+            except TrainingDiverged as error:
+                kept = checkpoint.last_model_path or "none (no evaluation yet)"
+                raise TrainingDiverged(f"{error}; last good checkpoint: {kept}") from None
         final_checkpoint = output_dir / "checkpoints" / "final.ckpt"
         trainer.save_checkpoint(final_checkpoint, weights_only=False)
         mlflow.log_artifact(str(final_checkpoint), "checkpoints")

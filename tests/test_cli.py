@@ -90,12 +90,12 @@ def test_logged_model_carries_the_frozen_observation_normalization(tmp_path, tra
     assert torch.allclose(mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")(observations), expected)
 
 
-def test_ctrl_c_marks_the_run_killed(tmp_path, tracking_uri):
-    env = {"MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
+@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGINT, 1), (signal.SIGTERM, 128 + signal.SIGTERM)])
+def test_interrupt_saves_a_checkpoint_and_marks_the_run_killed(tmp_path, tracking_uri, signum, exit_code):
     process = subprocess.Popen(
         [sys.executable, "-m", "rl_pipeline", "+experiment=dqn", "trainer.max_env_steps=10000000",
          "trainer.lightning.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path, env={**os.environ, **env},
+        cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -104,12 +104,23 @@ def test_ctrl_c_marks_the_run_killed(tmp_path, tracking_uri):
         started = any("GPU available" in line for line in process.stdout)
         assert started, "the run never started"
         time.sleep(3)  # into the training loop
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=60) != 0
+        process.send_signal(signum)
+        assert process.wait(timeout=60) == exit_code
     finally:
         process.kill()
     (run,) = all_runs(tracking_uri)
     assert run.info.status == "KILLED"
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "interrupted.ckpt", weights_only=True)
+    assert "q_network.layers.1.weight" in checkpoint["state_dict"]
+
+
+def test_a_diverging_loss_stops_the_run_failed_naming_the_step(tmp_path, tracking_uri):
+    result = run_cli("+experiment=dqn", "loss.loss=mse", "optimizer.lr=1e30", *TINY_RUN, cwd=tmp_path, tracking_uri=tracking_uri)
+    assert result.returncode == 3
+    assert "Training diverged: loss is inf at env step 256 (update 2)" in result.stderr
+    assert "Traceback" not in result.stderr
+    (run,) = all_runs(tracking_uri)
+    assert run.info.status == "FAILED"
 
 
 BAD_INPUTS = [
@@ -119,6 +130,7 @@ BAD_INPUTS = [
     ("+foo=1", "foo"),  # unknown top-level key
     ("+trainer.lightning.max_epochs=3", "trainer.lightning.max_epochs"),  # the env-step budget decides
     ("seed=abc", "seed"),  # wrong type
+    ("trainer.max_grad_norm=0", "trainer.max_grad_norm"),  # non-positive
     ("network=transformer", "network/transformer"),  # unknown group option
     ("env.id=NoSuchEnv-v0", "env.id"),  # unknown env id
     ("buffer.capacity=abc", "buffer.capacity"),  # wrong type
@@ -149,16 +161,17 @@ def test_another_env_option_trains_through_the_same_pipeline(tmp_path, tracking_
 
 
 def test_same_config_and_seed_give_identical_metrics_at_every_step(tmp_path):
-    histories = []
-    for attempt in ("first", "second"):
-        uri = f"sqlite:///{tmp_path / attempt}.db"
-        result = run_cli("+experiment=dqn", "seed=5", *TINY_RUN, cwd=tmp_path, tracking_uri=uri)
+    def metric_histories(name: str, *overrides: str) -> dict:
+        uri = f"sqlite:///{tmp_path / name}.db"
+        result = run_cli("+experiment=dqn", "seed=5", *TINY_RUN, *overrides, cwd=tmp_path, tracking_uri=uri)
         assert result.returncode == 0, result.stderr[-2000:]
         (run,) = all_runs(uri)
         client = mlflow.MlflowClient(uri)
-        histories.append({
-            key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
-            for key in ("train/loss", "train/q_mean", "train/episode_return", "eval/return_mean")
-        })
-    assert histories[0] == histories[1]
-    assert len(histories[0]["train/loss"]) == 4  # one point per iteration once learning_starts frames are in
+        keys = ("train/loss", "train/q_mean", "train/episode_return", "eval/return_mean")
+        return {key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)] for key in keys}
+
+    first, second = metric_histories("first"), metric_histories("second")
+    assert first == second
+    assert len(first["train/loss"]) == 4  # one point per iteration once learning_starts frames are in
+    # The control: gradient clipping changes the updates, and the histories show it.
+    assert metric_histories("clipped", "trainer.max_grad_norm=0.001")["train/loss"] != first["train/loss"]
