@@ -2,6 +2,7 @@
 
 import json
 import os
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,7 @@ from torch import nn
 
 import rl_pipeline
 from rl_pipeline.plots import Curve, plot_curves
+from rl_pipeline.validation import ConfigError
 
 DEFAULT_STORE = Path("outputs") / "mlflow.db"
 SWEEP_ENV = "RL_PIPELINE_SWEEP"  # set by the sweep callback for the jobs it launches
@@ -25,6 +27,16 @@ SWEEP_ENV = "RL_PIPELINE_SWEEP"  # set by the sweep callback for the jobs it lau
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI when set; else an embedded SQLite store in ./outputs (no server needed)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE.resolve()}"
+
+
+def check_reachable(uri: str, timeout_s: float = 3.0) -> None:
+    """Fail fast on a tracking server that does not answer (MLflow's own retries take minutes)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s)
+    except OSError as error:
+        raise ConfigError("MLFLOW_TRACKING_URI", f"expected a reachable MLflow server, got {uri} ({error})") from None
 
 
 def artifact_location(uri: str) -> str | None:

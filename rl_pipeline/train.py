@@ -143,7 +143,10 @@ def build_evaluator(cfg: DictConfig, env) -> Evaluator:
 def build_module(cfg: DictConfig) -> DQNModule:
     """Every part, in data-flow order; all config mistakes surface here, before MLflow or training."""
     env = build(cfg.env, "env")
-    num_actions = require_discrete_actions(env)
+    try:
+        num_actions = require_discrete_actions(env)
+    except ConfigError as error:
+        raise error.within("env") from None
     transforms = [build(node, f"transforms.{name}") for name, node in cfg.transforms.items()]
     train_env = wrap_for_training(env, transforms)
     q_network = build(
@@ -242,6 +245,7 @@ def train(cfg: DictConfig) -> float:
     """Train one agent; return the exported policy's eval return (the objective for sweepers)."""
     started = time.perf_counter()
     check_settings(cfg)
+    tracking.check_reachable(tracking.tracking_uri())
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(cfg)
     frames = module.collector.frames_per_iteration

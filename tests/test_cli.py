@@ -131,6 +131,8 @@ BAD_INPUTS = [
     ("+trainer.lightning.max_epochs=3", "trainer.lightning.max_epochs"),  # the env-step budget decides
     ("seed=abc", "seed"),  # wrong type
     ("trainer.max_grad_norm=0", "trainer.max_grad_norm"),  # non-positive
+    ("env.id=Pendulum-v1", "env.id"),  # continuous actions: not for DQN
+    ("buffer.batch_size=512 buffer.capacity=100", "buffer.batch_size"),  # a batch larger than the buffer
     ("network=transformer", "network/transformer"),  # unknown group option
     ("env.id=NoSuchEnv-v0", "env.id"),  # unknown env id
     ("buffer.capacity=abc", "buffer.capacity"),  # wrong type
@@ -146,11 +148,18 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize(("override", "named"), BAD_INPUTS, ids=[o for o, _ in BAD_INPUTS])
 def test_bad_input_exits_nonzero_naming_the_key_before_training(tmp_path, tracking_uri, override, named):
-    result = run_cli("+experiment=dqn", override, cwd=tmp_path, tracking_uri=tracking_uri)
+    result = run_cli("+experiment=dqn", *override.split(), cwd=tmp_path, tracking_uri=tracking_uri)
     assert result.returncode != 0
     assert named in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "mlflow.db").exists()  # stopped before any MLflow run could be opened
+
+
+def test_unreachable_tracking_server_fails_fast_naming_the_variable(tmp_path):
+    started = time.monotonic()
+    result = run_cli("+experiment=dqn", cwd=tmp_path, tracking_uri="http://127.0.0.1:9")  # nothing listens on 9
+    assert result.returncode == 2 and time.monotonic() - started < 60
+    assert result.stderr.strip().splitlines()[-1].startswith("Config error: MLFLOW_TRACKING_URI: expected a reachable")
 
 
 def test_another_env_option_trains_through_the_same_pipeline(tmp_path, tracking_uri):
