@@ -41,7 +41,7 @@ class MLflowSweep(Callback):
             run_name="sweep " + (" ".join(swept) or "over " + ", ".join(keys)),
             tags={"overrides": " ".join(overrides), "sweep_role": "parent"},
         )
-        self.parent_run_id = parent.info.run_id
+        self.parent_run_id, self.swept_keys = parent.info.run_id, keys
         client.set_tag(self.parent_run_id, "sweep_id", self.parent_run_id)
         os.environ[tracking.SWEEP_ENV] = json.dumps({"parent_run_id": self.parent_run_id, "swept_keys": keys})
         # Hydra skips on_multirun_end when a job raises or the sweep is interrupted: never leave the parent RUNNING.
@@ -70,8 +70,7 @@ class MLflowSweep(Callback):
     def tag_best(self, client: mlflow.MlflowClient, runs: list) -> None:
         """The best job's run id, eval return and swept params, as tags of the parent."""
         best = max(runs, key=lambda run: run.data.metrics.get("final/eval_return", float("-inf")))
-        keys = json.loads(best.data.tags.get("swept_keys", "[]"))
         client.set_tag(self.parent_run_id, "best_run_id", best.info.run_id)
         client.set_tag(self.parent_run_id, "best_eval_return", best.data.metrics.get("final/eval_return"))
-        for key in keys:
+        for key in self.swept_keys:
             client.set_tag(self.parent_run_id, f"best.{key}", best.data.params.get(key))

@@ -96,11 +96,7 @@ def mlflow_run(cfg: DictConfig) -> Iterator[mlflow.ActiveRun]:
     tags = {"overrides": " ".join(overrides)}
     sweep = current_sweep()
     if sweep:  # a child of the sweep's parent run, named by what the sweep varies
-        tags |= {
-            "mlflow.parentRunId": sweep["parent_run_id"],
-            "sweep_id": sweep["parent_run_id"],
-            "swept_keys": json.dumps(sweep["swept_keys"]),
-        }
+        tags |= {"mlflow.parentRunId": sweep["parent_run_id"], "sweep_id": sweep["parent_run_id"]}
         overrides = [o for o in overrides if override_key(o) in sweep["swept_keys"]]
     run = mlflow.start_run(
         experiment_id=experiment_id(cfg.logger.experiment_name, uri),

@@ -51,6 +51,12 @@ PIPELINE_TRAINER_ARGS = (
 STOP_METRIC = "eval/return_lower_bound"
 
 
+def check_no_unknown_keys(keys, prefix: str, known: set[str]) -> None:
+    unknown = sorted(set(keys) - known)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}", f"unknown key; expected one of {', '.join(sorted(known))}")
+
+
 def check_keys(node: DictConfig, key: str, runtime_kwargs) -> None:
     """Every key of `node` must be an argument of its target that the pipeline does not pass itself."""
     try:
@@ -60,12 +66,11 @@ def check_keys(node: DictConfig, key: str, runtime_kwargs) -> None:
     params = inspect.signature(target).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    accepted = [name for name in params if name not in runtime_kwargs and name not in ("self", "params")]
     for name in node:
         if name in runtime_kwargs:
             raise ConfigError(f"{key}.{name}", "set by the pipeline itself; remove it from the config")
-        if not name.startswith("_") and name not in params:
-            raise ConfigError(f"{key}.{name}", f"unknown key; expected one of {', '.join(accepted)}")
+    settable = {name for name in params if name not in runtime_kwargs and name not in ("self", "params")}
+    check_no_unknown_keys([name for name in node if not name.startswith("_")], f"{key}.", settable)
 
 
 def build(node: DictConfig, key: str, **runtime_kwargs):
@@ -79,12 +84,6 @@ def build(node: DictConfig, key: str, **runtime_kwargs):
         if isinstance(cause, ConfigError):
             raise cause.within(key) from None
         raise ConfigError(key, str(cause or error).splitlines()[0]) from None
-
-
-def check_no_unknown_keys(node: DictConfig, prefix: str, known: set[str]) -> None:
-    unknown = sorted(set(node) - known)
-    if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}", f"unknown key; expected one of {', '.join(sorted(known))}")
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -277,7 +276,7 @@ def train(cfg: DictConfig) -> float:
             except TrainingDiverged as error:
                 kept = checkpoint.last_model_path or "none (no evaluation yet)"
                 raise TrainingDiverged(f"{error}; last good checkpoint: {kept}") from None
-        final_checkpoint = output_dir / "checkpoints" / "final.ckpt"
+        final_checkpoint = Path(checkpoint.dirpath) / "final.ckpt"
         trainer.save_checkpoint(final_checkpoint, weights_only=False)
         mlflow.log_artifact(str(final_checkpoint), "checkpoints")
 
