@@ -39,6 +39,19 @@ class UniformReplayBuffer:
     def __len__(self) -> int:
         return self.size
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of storage (0 until the first `add` allocates it)."""
+        if self.storage is None:
+            return 0
+        return sum(getattr(self.storage, f.name).nbytes for f in fields(Batch))
+
+    def state_dict(self) -> dict:
+        return {"storage": self.storage, "cursor": self.cursor, "size": self.size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.storage, self.cursor, self.size = state["storage"], state["cursor"], state["size"]
+
     def add(self, observations, actions, rewards, next_observations, terminated) -> None:
         """Append a batch of transitions (numpy arrays with a leading batch dimension)."""
         incoming = Batch(

@@ -7,6 +7,7 @@ import torch
 from gymnasium.vector import VectorEnv
 from torch import nn
 
+from rl_pipeline.envs import env_state, restore_env_state
 from rl_pipeline.validation import expected, non_negative_int, positive_int, probability
 
 
@@ -76,9 +77,23 @@ class Collector:
         random_actions = torch.randint(int(self.env.single_action_space.n), (self.num_envs,))
         return torch.where(explore, random_actions, actions).numpy()
 
+    def state_dict(self) -> dict:
+        return {
+            "env_steps": self.env_steps,
+            "observations": self.observations,
+            "resetting": self.resetting,
+            "env": env_state(self.env),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.env_steps = state["env_steps"]
+        if state["env"] is not None:
+            restore_env_state(self.env, state["env"])
+            self.observations, self.resetting = state["observations"], state["resetting"]
+
     def collect(self, q_network: nn.Module) -> CollectStats:
-        if self.observations is None:
-            self.observations, _ = self.env.reset(seed=self.seed)
+        if self.observations is None:  # new episodes; after a resume, not the first run's again
+            self.observations, _ = self.env.reset(seed=self.seed + self.env_steps)
         stats = CollectStats()
         for _ in range(self.frames_per_iteration // self.num_envs):
             actions = self.act(q_network, self.observations)

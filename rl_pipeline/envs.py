@@ -1,11 +1,18 @@
 """Environments: gymnasium vector envs, built from the `env` config group."""
 
+import logging
+import pickle
+
 import gymnasium as gym
 from gymnasium.wrappers.vector import RecordEpisodeStatistics
 
 from rl_pipeline.validation import ConfigError, expected, one_of, positive_int
 
+log = logging.getLogger(__name__)
+
 VECTORIZATION_MODES = ("sync", "async")
+# Links between layers, and the closures that built the sub-envs: structure, not state.
+NOT_STATE = ("env", "env_fns")
 
 
 def make_vector_env(
@@ -46,3 +53,30 @@ def wrap_for_training(env: gym.vector.VectorEnv, transforms) -> gym.vector.Vecto
     for transform in transforms:
         env = transform.wrap(env)
     return env
+
+
+def layers(env: gym.vector.VectorEnv):
+    """The wrappers from the outside in, then the vector env itself."""
+    while isinstance(env, gym.vector.VectorWrapper):
+        yield env
+        env = env.env
+    yield env
+
+
+def env_state(env: gym.vector.VectorEnv) -> bytes | None:
+    """Every layer's state, pickled: the sub-envs' physics, RNGs and time limits, the wrappers' statistics.
+
+    None where the sub-envs cannot be pickled (async ones live in other processes): a resumed run
+    then starts new episodes.
+    """
+    try:
+        return pickle.dumps([{k: v for k, v in vars(layer).items() if k not in NOT_STATE} for layer in layers(env)])
+    except (TypeError, AttributeError, pickle.PicklingError) as error:
+        log.warning("Checkpoints leave out the env's state (%s); a resumed run starts new episodes", error)
+        return None
+
+
+def restore_env_state(env: gym.vector.VectorEnv, state: bytes) -> None:
+    """In place, so that whatever holds a wrapper (a transform, the collector) sees the restored one."""
+    for layer, saved in zip(layers(env), pickle.loads(state), strict=True):
+        vars(layer).update(saved)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from rl_pipeline.buffers import UniformReplayBuffer
+from rl_pipeline.checkpoints import restore_rng_states, rng_states
 from rl_pipeline.collectors import Collector
 from rl_pipeline.evaluation import Evaluator, mean_lower_bound
 from rl_pipeline.losses import DQNLoss
@@ -34,6 +35,7 @@ class DQNModule(pl.LightningModule):
         target_sync_interval_updates: int,
         target_sync_tau: float,
         max_grad_norm: float | None = None,
+        checkpoint_buffer_max_bytes: float = float("inf"),
     ):
         super().__init__()
         self.automatic_optimization = False  # many updates per training_step, on our own schedule
@@ -47,8 +49,10 @@ class DQNModule(pl.LightningModule):
         self.target_sync_interval_updates = target_sync_interval_updates
         self.target_sync_tau = target_sync_tau
         self.max_grad_norm = max_grad_norm
+        self.checkpoint_buffer_max_bytes = checkpoint_buffer_max_bytes
         self.num_updates = 0
         self._clock = (time.perf_counter(), 0)  # (time, env steps) at the last iteration's end
+        self._resumed_rng_states = None
 
     @property
     def policy(self) -> nn.Module:
@@ -60,6 +64,31 @@ class DQNModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._clock = (time.perf_counter(), self.collector.env_steps)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Restored here, not on load: a resuming Lightning makes dataloader iterators, which draw from torch's RNG.
+        if self._resumed_rng_states is not None:
+            restore_rng_states(self._resumed_rng_states)
+            self._resumed_rng_states = None
+
+    def training_state(self) -> dict:
+        """Beside Lightning's own state (networks, optimizer, loops): what continuing exactly needs."""
+        keep_buffer = self.buffer.nbytes <= self.checkpoint_buffer_max_bytes
+        return {
+            "num_updates": self.num_updates,
+            "collector": self.collector.state_dict(),
+            "buffer": self.buffer.state_dict() if keep_buffer else None,
+            "rng": rng_states(),
+        }
+
+    def load_training_state(self, state: dict) -> None:
+        self.num_updates = state["num_updates"]
+        self.collector.load_state_dict(state["collector"])
+        if state["buffer"] is not None:
+            self.buffer.load_state_dict(state["buffer"])
+        else:  # left out for its size: refill it, as at the start, before updating again
+            self.collector.learning_starts += self.collector.env_steps
+        self._resumed_rng_states = state["rng"]
 
     def training_step(self, iteration: int, batch_idx: int) -> None:
         stats = self.collector.collect(self.q_network)

@@ -5,15 +5,18 @@ import os
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import pytorch_lightning.loggers
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from mlflow.entities import RunStatus
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
 import rl_pipeline
@@ -57,6 +60,11 @@ def flatten(config: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+def params(cfg: DictConfig) -> dict[str, str]:
+    """The run's params: the resolved config under dotted keys, as MLflow stores them (strings)."""
+    return {key: str(value) for key, value in flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
+
+
 def task_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
@@ -87,11 +95,8 @@ def experiment_id(name: str, uri: str) -> str:
     return client.create_experiment(name, artifact_location=artifact_location(uri))
 
 
-@contextmanager
-def mlflow_run(cfg: DictConfig) -> Iterator[mlflow.ActiveRun]:
-    """An active MLflow run holding the resolved config; FINISHED, FAILED or KILLED when left."""
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
+def start_run(cfg: DictConfig, uri: str) -> mlflow.ActiveRun:
+    """A new run in the configured experiment, holding the resolved config as params and config.yaml."""
     overrides = task_overrides()
     tags = {"overrides": " ".join(overrides)}
     sweep = current_sweep()
@@ -103,11 +108,23 @@ def mlflow_run(cfg: DictConfig) -> Iterator[mlflow.ActiveRun]:
         run_name=cfg.logger.run_name or run_name(overrides),
         tags=tags,
     )
+    try:
+        mlflow.log_params(params(cfg))
+        mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    except BaseException:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        raise
+    return run
+
+
+@contextmanager
+def mlflow_run(cfg: DictConfig, resume_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """An active MLflow run, new or resumed (RUNNING again, its params untouched); FINISHED, FAILED or KILLED when left."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    run = mlflow.start_run(run_id=resume_run_id) if resume_run_id else start_run(cfg, uri)
     status = RunStatus.FAILED
     try:
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        mlflow.log_params({key: str(value) for key, value in flatten(resolved).items()})
-        mlflow.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
         yield run
         status = RunStatus.FINISHED
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into exit(1)
@@ -115,6 +132,28 @@ def mlflow_run(cfg: DictConfig) -> Iterator[mlflow.ActiveRun]:
         raise
     finally:
         mlflow.end_run(RunStatus.to_string(status))
+
+
+class MLFlowLogger(pytorch_lightning.loggers.MLFlowLogger):
+    """Lightning's MLflow logger, never logging a metric at a step its run already holds.
+
+    A resumed run replays the iterations between its last checkpoint and the kill: the run logged
+    those already, and the replay must not log them twice.
+    """
+
+    @cached_property
+    def logged_until(self) -> dict[str, float]:
+        """Each metric's last logged step, when the run was opened."""
+        client, run_id = self.experiment, self.run_id
+        metrics = client.get_run(run_id).data.metrics
+        return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in metrics}
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        if step is not None:
+            metrics = {key: value for key, value in metrics.items() if step > self.logged_until.get(key, -1)}
+        if metrics:
+            super().log_metrics(metrics, step)
 
 
 def log_policy(policy: nn.Module) -> None:

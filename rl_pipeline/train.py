@@ -14,12 +14,19 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
-from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from torch import nn
 from torch.utils.data import DataLoader
 
 from rl_pipeline import tracking
+from rl_pipeline.checkpoints import (
+    CHECKPOINT_TAG,
+    LAST,
+    AtomicCheckpointIO,
+    ResumableCheckpoint,
+    StopAtIterationEnd,
+    find_resume_checkpoint,
+)
 from rl_pipeline.envs import require_discrete_actions, reward_threshold, wrap_for_training
 from rl_pipeline.evaluation import Evaluator, record_gif
 from rl_pipeline.module import DQNModule, TrainingDiverged
@@ -36,15 +43,16 @@ from rl_pipeline.validation import (
 log = logging.getLogger(__name__)
 
 GROUPS = ("env", "transforms", "network", "loss", "buffer", "optimizer", "collector", "trainer", "logger")
-TOP_LEVEL_KEYS = {*GROUPS, "seed", "paths"}
+TOP_LEVEL_KEYS = {*GROUPS, "seed", "paths", "resume"}
 TRAINER_KEYS = {
     "max_env_steps", "updates_per_iteration", "target_sync_interval_updates", "target_sync_tau",
     "eval_interval_env_steps", "eval_episodes", "eval_seed", "stop_when_solved", "solved_return",
-    "solved_confirm_episodes", "max_grad_norm", "lightning",
+    "solved_confirm_episodes", "max_grad_norm", "checkpoint_interval_env_steps", "checkpoint_buffer_max_mb",
+    "lightning",
 }
 # pl.Trainer arguments that follow from the env-step budget and the run: not for trainer.lightning.
 PIPELINE_TRAINER_ARGS = (
-    "logger", "callbacks", "default_root_dir", "max_epochs", "val_check_interval", "num_sanity_val_steps",
+    "logger", "callbacks", "plugins", "default_root_dir", "max_epochs", "val_check_interval", "num_sanity_val_steps",
 )
 # Stopping and checkpoint selection use the lower confidence bound of the eval mean, not the mean:
 # a policy that scores 475 on 20 episodes by luck must not be the one that gets exported.
@@ -95,8 +103,10 @@ def check_settings(cfg: DictConfig) -> None:
     non_negative_int("seed", cfg.seed)
     t = cfg.trainer
     for key in ("max_env_steps", "updates_per_iteration", "target_sync_interval_updates",
-                "eval_interval_env_steps", "eval_episodes"):
+                "eval_interval_env_steps", "eval_episodes", "checkpoint_interval_env_steps"):
         positive_int(f"trainer.{key}", t[key])
+    if not (isinstance(t.checkpoint_buffer_max_mb, (int, float)) and t.checkpoint_buffer_max_mb >= 0):
+        raise expected("trainer.checkpoint_buffer_max_mb", "a number >= 0", t.checkpoint_buffer_max_mb)
     non_negative_int("trainer.eval_seed", t.eval_seed)
     non_negative_int("trainer.solved_confirm_episodes", t.solved_confirm_episodes)
     probability("trainer.target_sync_tau", t.target_sync_tau)
@@ -164,6 +174,7 @@ def build_module(cfg: DictConfig) -> DQNModule:
         target_sync_interval_updates=cfg.trainer.target_sync_interval_updates,
         target_sync_tau=cfg.trainer.target_sync_tau,
         max_grad_norm=cfg.trainer.max_grad_norm,
+        checkpoint_buffer_max_bytes=cfg.trainer.checkpoint_buffer_max_mb * 2**20,
     )
 
 
@@ -179,20 +190,8 @@ class ProgressBar(TQDMProgressBar):
         return metrics
 
 
-class CheckpointOnInterrupt(pl.Callback):
-    """On Ctrl-C or SIGTERM, saves where training stopped, before the run ends KILLED."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
-            trainer.save_checkpoint(self.path, weights_only=False)
-            log.info("Saved %s", self.path)
-
-
-def build_callbacks(cfg: DictConfig, module: DQNModule, checkpoint: ModelCheckpoint) -> list[pl.Callback]:
-    callbacks = [checkpoint, CheckpointOnInterrupt(Path(checkpoint.dirpath) / "interrupted.ckpt")]
+def build_callbacks(cfg: DictConfig, module: DQNModule, checkpoints: list[pl.Callback]) -> list[pl.Callback]:
+    callbacks = [*checkpoints, StopAtIterationEnd()]
     solved = module.evaluator.solved_return
     if solved is not None:
         log.info("Stopping once %s >= %s", STOP_METRIC, solved)
@@ -241,25 +240,41 @@ def log_results(cfg: DictConfig, module: DQNModule, policy: nn.Module, solved: b
 
 
 def train(cfg: DictConfig) -> float:
-    """Train one agent; return the exported policy's eval return (the objective for sweepers)."""
+    """Train one agent, or resume one; return the exported policy's eval return (the objective for sweepers)."""
     started = time.perf_counter()
     check_settings(cfg)
-    tracking.check_reachable(tracking.tracking_uri())
+    uri = tracking.tracking_uri()
+    tracking.check_reachable(uri)
+    resume_path, resume_run_id = None, None
+    if cfg.resume is not None:
+        resume_path, resume_run_id = find_resume_checkpoint(
+            cfg.resume, tracking.params(cfg), cfg.logger.experiment_name, uri
+        )
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(cfg)
     frames = module.collector.frames_per_iteration
     iterations = math.ceil(cfg.trainer.max_env_steps / frames)
     output_dir = Path(cfg.paths.output_dir)
-    checkpoint = ModelCheckpoint(
-        dirpath=output_dir / "checkpoints", filename="best-{step}", monitor=STOP_METRIC, mode="max", save_last=True
+    # A resumed run keeps writing where it started, so Lightning restores its callbacks' state.
+    checkpoint_dir = resume_path.parent if resume_path else output_dir / "checkpoints"
+    best = ModelCheckpoint(
+        dirpath=checkpoint_dir, filename="best-{step}", monitor=STOP_METRIC, mode="max", save_weights_only=True
     )
 
-    with tracking.mlflow_run(cfg) as run:
-        logger = instantiate(cfg.logger, tracking_uri=tracking.tracking_uri(), run_id=run.info.run_id)
+    with tracking.mlflow_run(cfg, resume_run_id) as run:
+        if resume_path:
+            log.info("Resuming MLflow run %s from %s", run.info.run_id, resume_path)
+        else:
+            mlflow.set_tag(CHECKPOINT_TAG, str((checkpoint_dir / LAST).resolve()))
+        last = ResumableCheckpoint(
+            checkpoint_dir, cfg.trainer.checkpoint_interval_env_steps, run.info.run_id, tracking.params(cfg)
+        )
+        logger = instantiate(cfg.logger, tracking_uri=uri, run_id=run.info.run_id)
         trainer: pl.Trainer = instantiate(
             cfg.trainer.lightning,
             logger=logger,
-            callbacks=build_callbacks(cfg, module, checkpoint),
+            callbacks=build_callbacks(cfg, module, [best, last]),
+            plugins=[AtomicCheckpointIO()],
             default_root_dir=output_dir,
             max_epochs=1,
             val_check_interval=min(iterations, max(1, cfg.trainer.eval_interval_env_steps // frames)),
@@ -267,27 +282,29 @@ def train(cfg: DictConfig) -> float:
         )
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*does not have many workers.*", PossibleUserWarning)
+            # The dataloader only counts iterations; the checkpoint holds the data (buffer, envs).
+            warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*", PossibleUserWarning)
             try:
                 trainer.fit(
                     module,
                     train_dataloaders=DataLoader(range(iterations), batch_size=None),
                     val_dataloaders=DataLoader(range(1), batch_size=None),
+                    ckpt_path=resume_path,
+                    weights_only=False,  # our own checkpoints: they hold the buffer and the envs' state
                 )
             except TrainingDiverged as error:
-                kept = checkpoint.last_model_path or "none (no evaluation yet)"
+                kept = last.path if last.path.exists() else "none (diverged before the first)"
                 raise TrainingDiverged(f"{error}; last good checkpoint: {kept}") from None
-        final_checkpoint = Path(checkpoint.dirpath) / "final.ckpt"
-        trainer.save_checkpoint(final_checkpoint, weights_only=False)
-        mlflow.log_artifact(str(final_checkpoint), "checkpoints")
+        mlflow.log_artifact(str(last.path), "checkpoints")
 
-        policy = export_best(module, checkpoint.best_model_path)
+        policy = export_best(module, best.best_model_path)
         threshold = module.evaluator.solved_return
-        solved = threshold is not None and checkpoint.best_model_score >= threshold
+        solved = threshold is not None and best.best_model_score >= threshold
         score = log_results(cfg, module, policy, solved, started)
 
     print(
         f"MLflow run {run.info.run_id}: eval return {score:.1f}, "
         f"{module.collector.env_steps} env steps, {time.perf_counter() - started:.1f} s wall, "
-        f"store {tracking.tracking_uri()}"
+        f"store {uri}"
     )
     return score

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -64,7 +65,7 @@ def test_artifacts_hold_config_plots_and_checkpoints(tiny_run):
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "learning_curve.png", "episode.gif"} <= top
     checkpoints = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
-    assert "checkpoints/final.ckpt" in checkpoints
+    assert "checkpoints/last.ckpt" in checkpoints
     assert any(path.startswith("checkpoints/best") for path in checkpoints)
 
 
@@ -90,28 +91,45 @@ def test_logged_model_carries_the_frozen_observation_normalization(tmp_path, tra
     assert torch.allclose(mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")(observations), expected)
 
 
-@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGINT, 1), (signal.SIGTERM, 128 + signal.SIGTERM)])
-def test_interrupt_saves_a_checkpoint_and_marks_the_run_killed(tmp_path, tracking_uri, signum, exit_code):
+@pytest.mark.parametrize(
+    ("signum", "exit_code", "resume_by", "keep_buffer"),
+    [(signal.SIGINT, 1, "run id", True), (signal.SIGTERM, 128 + signal.SIGTERM, "run dir", False)],
+)
+def test_interrupted_run_saves_a_checkpoint_ends_killed_and_resumes_to_finished(
+    tmp_path, tracking_uri, signum, exit_code, resume_by, keep_buffer
+):
+    budget = ("trainer.max_env_steps=25600", "trainer.stop_when_solved=false", "trainer.checkpoint_interval_env_steps=2560")
+    if not keep_buffer:
+        budget += ("trainer.checkpoint_buffer_max_mb=0",)
     process = subprocess.Popen(
-        [sys.executable, "-m", "rl_pipeline", "+experiment=dqn", "trainer.max_env_steps=10000000",
+        [sys.executable, "-m", "rl_pipeline", "+experiment=dqn", *budget,
          "trainer.lightning.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        # Lightning announces its devices once the MLflow run is open and the Trainer is built.
-        # (Reading the store before then would race the child's own creation of its tables.)
-        started = any("GPU available" in line for line in process.stdout)
-        assert started, "the run never started"
-        time.sleep(3)  # into the training loop
+        assert any("last.ckpt at 2560 env steps" in line for line in process.stdout), "no periodic checkpoint"
         process.send_signal(signum)
         assert process.wait(timeout=60) == exit_code
     finally:
         process.kill()
     (run,) = all_runs(tracking_uri)
     assert run.info.status == "KILLED"
-    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "interrupted.ckpt", weights_only=True)
-    assert "q_network.layers.1.weight" in checkpoint["state_dict"]
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    stopped_at = checkpoint["training_state"]["collector"]["env_steps"]
+    assert 2560 <= stopped_at < 25600 and "q_network.layers.1.weight" in checkpoint["state_dict"]
+    assert (checkpoint["training_state"]["buffer"] is not None) == keep_buffer
+    assert checkpoint["run"]["mlflow_run_id"] == run.info.run_id
+
+    where = run.info.run_id if resume_by == "run id" else str(tmp_path / "run")
+    (tmp_path / "resumed").mkdir()
+    resumed = run_cli("+experiment=dqn", *budget, "trainer.lightning.enable_progress_bar=false", f"resume={where}",
+                      cwd=tmp_path / "resumed", tracking_uri=tracking_uri)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (run,) = all_runs(tracking_uri)
+    assert run.info.status == "FINISHED" and run.data.metrics["final/env_steps"] == 25600
+    epsilon_steps = [m.step for m in mlflow.MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "train/epsilon")]
+    assert sorted(epsilon_steps) == list(range(256, 25601, 256))  # every iteration once: no gap, no repeat
 
 
 def test_a_diverging_loss_stops_the_run_failed_naming_the_step(tmp_path, tracking_uri):
@@ -124,35 +142,57 @@ def test_a_diverging_loss_stops_the_run_failed_naming_the_step(tmp_path, trackin
 
 
 BAD_INPUTS = [
-    # (override, what the one-line message must name)
+    # (override, what the one-line message must name); {tiny_run_dir}: a checkpointed run of another config
     ("optimizer.lrr=0.1", "lrr"),  # unknown key
     ("+buffer.capcity=3", "buffer.capcity"),  # unknown key, added with +
     ("+foo=1", "foo"),  # unknown top-level key
     ("+trainer.lightning.max_epochs=3", "trainer.lightning.max_epochs"),  # the env-step budget decides
     ("seed=abc", "seed"),  # wrong type
-    ("trainer.max_grad_norm=0", "trainer.max_grad_norm"),  # non-positive
-    ("env.id=Pendulum-v1", "env.id"),  # continuous actions: not for DQN
-    ("buffer.batch_size=512 buffer.capacity=100", "buffer.batch_size"),  # a batch larger than the buffer
-    ("network=transformer", "network/transformer"),  # unknown group option
-    ("env.id=NoSuchEnv-v0", "env.id"),  # unknown env id
     ("buffer.capacity=abc", "buffer.capacity"),  # wrong type
     ("trainer.max_env_steps=many", "trainer.max_env_steps"),  # wrong type
+    ("trainer.eval_episodes=1.5", "trainer.eval_episodes"),  # wrong type
+    ("network=transformer", "network/transformer"),  # unknown group option
+    ("transforms=whiten", "transforms/whiten"),  # unknown group option
+    ("loss.loss=l1", "loss.loss"),  # unknown choice
+    ("env.vectorization_mode=threads", "env.vectorization_mode"),  # unknown choice
+    ("env.id=NoSuchEnv-v0", "env.id"),  # unknown env id
+    ("env.id=Pendulum-v1", "env.id"),  # continuous actions: not for DQN
+    ("buffer.batch_size=512 buffer.capacity=100", "buffer.batch_size"),  # a batch larger than the buffer
+    ("collector.frames_per_iteration=255", "collector.frames_per_iteration"),  # not a multiple of num_envs
     ("buffer.batch_size=0", "buffer.batch_size"),  # non-positive size
     ("env.num_envs=-2", "env.num_envs"),  # non-positive size
     ("network.hidden_sizes=[64,0]", "network.hidden_sizes"),  # non-positive size
+    ("trainer.checkpoint_interval_env_steps=0", "trainer.checkpoint_interval_env_steps"),  # non-positive
+    ("trainer.max_grad_norm=0", "trainer.max_grad_norm"),  # non-positive
+    ("trainer.checkpoint_buffer_max_mb=-1", "trainer.checkpoint_buffer_max_mb"),  # out of range
+    ("optimizer.lr=-1", "optimizer.lr"),  # out of range
     ("collector.epsilon_end=1.5", "collector.epsilon_end"),  # probability outside [0, 1]
     ("loss.gamma=-0.1", "loss.gamma"),  # probability outside [0, 1]
-    ("optimizer.lr=-1", "optimizer.lr"),  # out of range
+    ("trainer.target_sync_tau=0", "trainer.target_sync_tau"),  # outside (0, 1]
+    ("resume=/no/such/run", "resume: expected a run directory"),  # a resume path that does not exist
+    ("resume=0123456789abcdef0123456789abcdef", "resume: found no MLflow run"),  # an unknown run id
+    ("resume=last", "resume: found no MLflow run"),  # nothing to resume in this store
+    ("resume={tiny_run_dir}", "resume: the checkpoint was trained with"),  # a checkpoint of another config
 ]
 
 
 @pytest.mark.parametrize(("override", "named"), BAD_INPUTS, ids=[o for o, _ in BAD_INPUTS])
-def test_bad_input_exits_nonzero_naming_the_key_before_training(tmp_path, tracking_uri, override, named):
-    result = run_cli("+experiment=dqn", *override.split(), cwd=tmp_path, tracking_uri=tracking_uri)
-    assert result.returncode != 0
+def test_bad_input_exits_nonzero_naming_the_key_before_training(tiny_run, tmp_path, tracking_uri, override, named):
+    tiny_run_dir = Path(tiny_run[1].data.tags["checkpoint"]).parents[1]  # <run dir>/checkpoints/last.ckpt
+    started = time.monotonic()
+    result = run_cli("+experiment=dqn", *override.format(tiny_run_dir=tiny_run_dir).split(), cwd=tmp_path, tracking_uri=tracking_uri)
+    assert result.returncode != 0 and time.monotonic() - started < 60
     assert named in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
-    assert not (tmp_path / "mlflow.db").exists()  # stopped before any MLflow run could be opened
+    assert not all_runs(tracking_uri)  # stopped before any MLflow run could be opened
+    assert not list(tmp_path.rglob("*.ckpt*"))  # and before any checkpoint
+
+
+def test_resuming_a_finished_run_is_refused(tiny_run, tmp_path):
+    result, run, _, uri = tiny_run
+    result = run_cli("+experiment=dqn", "seed=3", *TINY_RUN, f"resume={run.info.run_id}", cwd=tmp_path, tracking_uri=uri)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"Config error: resume: MLflow run {run.info.run_id} is FINISHED already; nothing to resume"
 
 
 def test_unreachable_tracking_server_fails_fast_naming_the_variable(tmp_path):

@@ -1,0 +1,126 @@
+"""Checkpoints that survive a kill, and runs that resume from them into the same MLflow run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import gymnasium as gym
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from conftest import all_runs, run_cli
+from rl_pipeline.checkpoints import AtomicCheckpointIO, check_same_config
+from rl_pipeline.envs import env_state, make_vector_env, restore_env_state, wrap_for_training
+from rl_pipeline.tracking import MLFlowLogger
+from rl_pipeline.transforms import NormalizeObservation
+from rl_pipeline.validation import ConfigError
+
+# Half the budget is 10,240 env steps; checkpoints every 2,560.
+RUN = (
+    "+experiment=dqn", "seed=0", "trainer.max_env_steps=20480", "trainer.stop_when_solved=false",
+    "trainer.checkpoint_interval_env_steps=2560", "trainer.lightning.enable_progress_bar=false",
+)
+METRICS = ("train/epsilon", "train/loss", "train/q_mean", "train/episode_return", "eval/return_mean", "eval/return_std")
+
+
+def metric_histories(uri: str) -> dict[str, list]:
+    (run,) = all_runs(uri)
+    client = mlflow.MlflowClient(uri)
+    return {key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)] for key in METRICS}
+
+
+def test_a_run_killed_at_half_its_budget_resumes_to_the_same_result(tmp_path):
+    unkilled_uri, killed_uri = f"sqlite:///{tmp_path / 'unkilled.db'}", f"sqlite:///{tmp_path / 'killed.db'}"
+    (tmp_path / "unkilled").mkdir()
+    unkilled = run_cli(*RUN, cwd=tmp_path / "unkilled", tracking_uri=unkilled_uri)
+    assert unkilled.returncode == 0, unkilled.stderr[-3000:]
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rl_pipeline", *RUN, f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": killed_uri, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        assert any("last.ckpt at 10240 env steps" in line for line in process.stdout)
+        time.sleep(0.5)  # past the checkpoint: the resumed run replays what came after it
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    (killed,) = all_runs(killed_uri)
+    assert killed.info.status == "RUNNING"  # SIGKILL leaves no chance to say otherwise
+    logged_before_resume = len(metric_histories(killed_uri)["train/epsilon"])
+
+    resumed = run_cli(*RUN, "resume=last", cwd=tmp_path, tracking_uri=killed_uri)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (run,) = all_runs(killed_uri)
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    (reference,) = all_runs(unkilled_uri)
+    assert run.data.metrics["final/eval_return"] == reference.data.metrics["final/eval_return"]
+    histories = metric_histories(killed_uri)
+    assert 40 <= logged_before_resume < 80  # the kill came after half of the 80 iterations
+    assert [step for step, _ in histories["train/epsilon"]] == list(range(256, 20481, 256))
+    assert [step for step, _ in histories["eval/return_mean"]] == list(range(2304, 20481, 2304))
+    # Buffer, envs and RNGs restored: on this CPU the resumed run retraces the unkilled one exactly.
+    assert histories == metric_histories(unkilled_uri)
+
+
+def test_a_save_cut_short_leaves_the_previous_checkpoint_whole(tmp_path):
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("killed mid-save")
+
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 1, "weights": torch.ones(1000)}, path)
+    with pytest.raises(RuntimeError, match="killed mid-save"):
+        AtomicCheckpointIO().save_checkpoint({"step": 2, "weights": torch.zeros(1000), "bad": Unpicklable()}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no partial file left behind
+
+
+def test_env_state_restores_physics_rngs_and_wrapper_statistics():
+    def make():
+        return wrap_for_training(make_vector_env("CartPole-v1", num_envs=3), [NormalizeObservation()])
+
+    original, copy = make(), make()
+    original.reset(seed=7)
+    rng = np.random.default_rng(0)
+    for _ in range(40):  # mid-episode for some sub-envs, past an autoreset for others
+        original.step(rng.integers(2, size=3))
+    restore_env_state(copy, env_state(original))
+    for _ in range(100):
+        actions = rng.integers(2, size=3)
+        for a, b in zip(original.step(actions)[:4], copy.step(actions)[:4]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_env_state_is_none_for_sub_envs_in_other_processes():
+    env = gym.make_vec("CartPole-v1", num_envs=2, vectorization_mode="async")
+    try:
+        assert env_state(env) is None
+    finally:
+        env.close()
+
+
+def test_resume_refuses_another_config_naming_the_key():
+    saved = {"optimizer.lr": "0.0023", "seed": "0", "paths.output_dir": "/a", "resume": "None"}
+    check_same_config(saved, {**saved, "paths.output_dir": "/b", "resume": "last"})  # where, not what
+    with pytest.raises(ConfigError, match=r"resume: the checkpoint was trained with optimizer.lr=0.0023, this job sets 0.001"):
+        check_same_config(saved, {**saved, "optimizer.lr": "0.001"})
+
+
+def test_logger_skips_the_steps_its_run_already_holds(tracking_uri):
+    client = mlflow.MlflowClient(tracking_uri)
+    run_id = client.create_run(client.create_experiment("resume")).info.run_id
+    for step in (256, 512):
+        client.log_metric(run_id, "train/loss", step / 1000, step=step)
+    logger = MLFlowLogger(tracking_uri=tracking_uri, run_id=run_id)
+    for step in (512, 768):  # 512 is a replay of the killed run's last iteration
+        logger.log_metrics({"train/loss": -1.0 if step == 512 else 0.768, "eval/return_mean": 9.0}, step=step)
+    history = {(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")}
+    assert history == {(256, 0.256), (512, 0.512), (768, 0.768)}
+    assert [m.step for m in client.get_metric_history(run_id, "eval/return_mean")] == [512, 768]
