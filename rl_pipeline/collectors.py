@@ -1,5 +1,6 @@
 """Data collection: step the training env with the ε-greedy behaviour policy and fill the buffer."""
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,11 +25,38 @@ class CollectStats:
     episode_lengths: list[int] = field(default_factory=list)
 
 
+class NStepReturns:
+    """Folds each env's stream of 1-step transitions into n-step ones, env by env.
+
+    The transition from s_t holds R = r_t + γ r_(t+1) + … + γ^(k-1) r_(t+k-1), s' = s_(t+k) and k:
+    k = n, or fewer where the episode ended first. Then `terminated` says whether s' is terminal; a
+    truncated episode bootstraps from its last observation like any other. n = 1 is plain DQN.
+    """
+
+    def __init__(self, n: int, gamma: float, num_envs: int):
+        self.n, self.gamma = n, gamma
+        self.pending = [deque() for _ in range(num_envs)]  # per env: (s, a, r) still short of n steps
+
+    def __call__(self, observations, actions, rewards, next_observations, terminated, truncated, real) -> list[tuple]:
+        """This step's sub-env transitions (`real` masks out reset steps) -> the n-step transitions now complete."""
+        complete = []
+        for env in np.flatnonzero(real):
+            pending = self.pending[env]
+            pending.append((observations[env], actions[env], rewards[env]))
+            ended = terminated[env] or truncated[env]
+            while len(pending) == self.n or (ended and pending):
+                discounted = sum(self.gamma**i * reward for i, (_, _, reward) in enumerate(pending))
+                observation, action, _ = pending.popleft()
+                complete.append((observation, action, discounted, next_observations[env], terminated[env], len(pending) + 1))
+        return complete
+
+
 class Collector:
     """Steps `env` for `frames_per_iteration` frames (summed over its sub-envs) per `collect()` call.
 
     Actions are uniformly random until `learning_starts` frames, then ε-greedy on the Q-network with
     ε annealed linearly from `epsilon_start` to `epsilon_end` over `epsilon_fraction` of the budget.
+    The buffer receives `n_step` transitions, discounted by `gamma` (the loss's).
     """
 
     def __init__(
@@ -41,6 +69,8 @@ class Collector:
         epsilon_end: float = 0.05,
         epsilon_fraction: float = 0.1,
         learning_starts: int = 1000,
+        n_step: int = 1,
+        gamma: float = 0.99,
         seed: int = 0,
     ):
         self.env, self.buffer = env, buffer
@@ -53,6 +83,7 @@ class Collector:
         self.epsilon_fraction = probability("epsilon_fraction", epsilon_fraction)
         self.epsilon_duration = int(epsilon_fraction * positive_int("max_env_steps", max_env_steps))
         self.learning_starts = non_negative_int("learning_starts", learning_starts)
+        self.n_step = NStepReturns(positive_int("n_step", n_step), probability("gamma", gamma), self.num_envs)
         self.seed = seed
         self.env_steps = 0
         self.observations = None
@@ -82,6 +113,7 @@ class Collector:
             "env_steps": self.env_steps,
             "observations": self.observations,
             "resetting": self.resetting,
+            "n_step_pending": self.n_step.pending,
             "env": env_state(self.env),
         }
 
@@ -90,6 +122,7 @@ class Collector:
         if state["env"] is not None:
             restore_env_state(self.env, state["env"])
             self.observations, self.resetting = state["observations"], state["resetting"]
+            self.n_step.pending = state["n_step_pending"]
 
     def collect(self, q_network: nn.Module) -> CollectStats:
         if self.observations is None:  # new episodes; after a resume, not the first run's again
@@ -99,9 +132,9 @@ class Collector:
             actions = self.act(q_network, self.observations)
             next_observations, rewards, terminated, truncated, info = self.env.step(actions)
             real = ~self.resetting  # a reset step's (obs, next_obs) pair spans two episodes: never store it
-            self.buffer.add(
-                self.observations[real], actions[real], rewards[real], next_observations[real], terminated[real]
-            )
+            complete = self.n_step(self.observations, actions, rewards, next_observations, terminated, truncated, real)
+            if complete:
+                self.buffer.add(*map(np.stack, zip(*complete)))
             if "episode" in info:
                 finished = info["_episode"]
                 stats.episode_returns += info["episode"]["r"][finished].tolist()

@@ -95,7 +95,7 @@ class DQNModule(pl.LightningModule):
         losses, q_values = [], []
         if not self.collector.warming_up:
             for _ in range(self.updates_per_iteration):
-                out = self.update(self.buffer.sample().to(self.device))
+                out = self.update(self.buffer.sample(self.collector.env_steps).to(self.device))
                 losses.append(out.loss.detach())
                 q_values.append(out.q_taken.mean())
         self.log_iteration(stats, losses, q_values)
@@ -112,6 +112,7 @@ class DQNModule(pl.LightningModule):
         if self.max_grad_norm is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
         optimizer.step()
+        self.buffer.update_priorities(batch.indices, out.td_error)
         self.num_updates += 1
         if self.num_updates % self.target_sync_interval_updates == 0:
             update_target(self.target_network, self.q_network, self.target_sync_tau)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from rl_pipeline.buffers import UniformReplayBuffer
+from rl_pipeline.buffers import PrioritizedReplayBuffer, SumTree, UniformReplayBuffer
 from rl_pipeline.validation import ConfigError
 
 
@@ -73,3 +73,71 @@ def test_refuses_more_transitions_at_once_than_it_holds():
 def test_rejects_bad_sizes_naming_the_key(capacity, batch_size, key):
     with pytest.raises(ConfigError, match=f"^{key}: expected"):
         UniformReplayBuffer(capacity=capacity, batch_size=batch_size)
+
+
+def test_sum_tree_total_follows_updates_and_overwrites():
+    tree = SumTree(capacity=5)  # 8 leaves; 3 never used
+    tree.update(np.arange(5), np.array([1.0, 2.0, 3.0, 4.0, 5.0]))
+    assert tree.total == 15.0
+    tree.update(np.array([0, 4, 4]), np.array([10.0, 0.5, 0.5]))  # a repeated index counts once
+    assert tree.total == 10.0 + 2.0 + 3.0 + 4.0 + 0.5
+    assert tree[np.array([0, 4])].tolist() == [10.0, 0.5]
+
+
+def test_sum_tree_finds_the_leaf_whose_interval_holds_each_value():
+    tree = SumTree(capacity=4)
+    tree.update(np.arange(4), np.array([1.0, 0.0, 2.0, 3.0]))  # intervals [0,1) [1,1) [1,3) [3,6)
+    assert tree.find(np.array([0.0, 0.99, 1.0, 2.5, 3.0, 5.99])).tolist() == [0, 0, 2, 2, 3, 3]
+
+
+def test_sum_tree_sampling_frequencies_match_priorities():
+    # 200,000 draws: each frequency's standard error is at most 0.0011; the tolerance is 5 of them.
+    rng = np.random.default_rng(0)
+    priorities = np.array([1.0, 2.0, 0.0, 3.0, 4.0, 10.0])
+    tree = SumTree(capacity=len(priorities))
+    tree.update(np.arange(len(priorities)), priorities)
+    leaves = tree.find(rng.uniform(0, tree.total, size=200_000))
+    frequencies = np.bincount(leaves, minlength=len(priorities)) / len(leaves)
+    np.testing.assert_allclose(frequencies, priorities / priorities.sum(), atol=0.0055)
+
+
+def test_prioritized_new_transitions_get_the_max_priority_and_updates_follow_td_errors():
+    buffer = PrioritizedReplayBuffer(capacity=4, batch_size=2, alpha=0.5, epsilon=7.0)
+    add_numbered(buffer, [0, 1])
+    assert buffer.tree[np.arange(4)].tolist() == [1.0, 1.0, 0.0, 0.0]
+    buffer.update_priorities(torch.tensor([0, 1]), torch.tensor([-9.0, 2.0]))  # p = (|δ| + ε)^α
+    assert buffer.tree[np.arange(2)].tolist() == [4.0, 3.0] and buffer.max_priority == 4.0
+    add_numbered(buffer, [2, 3, 4])  # 4 overwrites slot 0
+    assert buffer.tree[np.arange(4)].tolist() == [4.0, 3.0, 4.0, 4.0]
+    assert buffer.tree.total == 15.0
+
+
+def test_prioritized_importance_weights_by_hand():
+    torch.manual_seed(0)
+    buffer = PrioritizedReplayBuffer(capacity=64, batch_size=64, alpha=1.0, beta_start=0.5, beta_steps=100, epsilon=0.5)
+    add_numbered(buffer, [0, 1, 2, 3])
+    buffer.update_priorities(torch.arange(4), torch.tensor([0.5, 1.5, 2.5, 3.5]))  # P = 0.1, 0.2, 0.3, 0.4
+    batch = buffer.sample(env_steps=50)  # β = 0.5 + 0.5 * 50 / 100 = 0.75
+    assert torch.equal(batch.rewards.long(), batch.indices)  # fields gathered from the sampled slots
+    probabilities = (batch.indices + 1).double() / 10
+    expected = (4 * probabilities) ** -0.75
+    assert torch.allclose(batch.weights.double(), expected / expected.max(), atol=1e-6)
+    assert set(batch.indices.tolist()) == {0, 1, 2, 3}
+    assert buffer.beta(200) == 1.0  # held at 1 past the budget
+
+
+def test_prioritized_sampling_frequencies_match_priorities():
+    torch.manual_seed(0)
+    buffer = PrioritizedReplayBuffer(capacity=50_000, batch_size=50_000, alpha=1.0, epsilon=0.5)
+    add_numbered(buffer, range(4))
+    buffer.update_priorities(torch.arange(4), torch.tensor([0.5, 1.5, 2.5, 3.5]))
+    frequencies = torch.bincount(buffer.sample().indices, minlength=4) / 50_000
+    # Stratified: each of the 50,000 slices draws once, so the frequencies are within 1/50,000 of P.
+    assert torch.allclose(frequencies, torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=1e-4)
+
+
+def test_uniform_samples_carry_their_slots_and_unit_weights():
+    buffer = UniformReplayBuffer(capacity=16, batch_size=16)
+    add_numbered(buffer, range(5))
+    batch = buffer.sample()
+    assert torch.equal(batch.rewards.long(), batch.indices) and torch.equal(batch.weights, torch.ones(16))

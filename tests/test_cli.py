@@ -1,6 +1,7 @@
 """`python -m rl_pipeline` end to end, in subprocesses, against a real MLflow SQLite store."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -135,7 +136,8 @@ def test_interrupted_run_saves_a_checkpoint_ends_killed_and_resumes_to_finished(
 def test_a_diverging_loss_stops_the_run_failed_naming_the_step(tmp_path, tracking_uri):
     result = run_cli("+experiment=dqn", "loss.loss=mse", "optimizer.lr=1e30", *TINY_RUN, cwd=tmp_path, tracking_uri=tracking_uri)
     assert result.returncode == 3
-    assert "Training diverged: loss is inf at env step 256 (update 2)" in result.stderr
+    # The first update with lr=1e30 sends the Q-values to inf; the loss on them is inf or nan.
+    assert re.search(r"Training diverged: loss is (inf|nan) at env step 256 \(update 2\)", result.stderr)
     assert "Traceback" not in result.stderr
     (run,) = all_runs(tracking_uri)
     assert run.info.status == "FAILED"

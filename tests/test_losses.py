@@ -18,7 +18,7 @@ TARGET_NET = linear([[1.0, 0.0], [0.0, 1.0]])
 ONLINE_NET = linear([[0.0, 1.0], [1.0, 0.0]])
 
 
-def batch(terminated) -> Batch:
+def batch(terminated, steps=None, weights=None) -> Batch:
     n = len(terminated)
     return Batch(
         observations=torch.tensor([[3.0, 5.0]] * n),  # Q(s) = [5, 3]
@@ -26,6 +26,8 @@ def batch(terminated) -> Batch:
         rewards=torch.ones(n),
         next_observations=torch.tensor([[1.0, 2.0]] * n),
         terminated=torch.tensor(terminated, dtype=torch.float32),
+        steps=torch.tensor(steps or [1] * n),
+        weights=torch.tensor(weights or [1.0] * n),
     )
 
 
@@ -56,6 +58,18 @@ def test_loss_td_error_and_q_values_by_hand():
     assert out.td_error.tolist() == [-3.0]
     assert out.loss.item() == 2.5
     assert DQNLoss(gamma=0.5, loss="mse")(ONLINE_NET, TARGET_NET, batch([0.0])).loss.item() == 9.0
+
+
+def test_an_n_step_transition_bootstraps_with_gamma_to_the_n():
+    # Rewards already summed over k steps; y = R + γᵏ max_a Q⁻(s', a) = 1 + 0.5³ * 2, and 1 + 0.5 * 2 for k = 1.
+    loss = DQNLoss(gamma=0.5)
+    assert loss.td_target(ONLINE_NET, TARGET_NET, batch([0.0, 0.0, 1.0], steps=[3, 1, 3])).tolist() == [1.25, 2.0, 1.0]
+
+
+def test_importance_weights_scale_each_samples_loss():
+    # Squared errors 9 and 9, weighted 1 and 0.5: (9 + 4.5) / 2; the TD errors are not weighted.
+    out = DQNLoss(gamma=0.5, loss="mse")(ONLINE_NET, TARGET_NET, batch([0.0, 0.0], weights=[1.0, 0.5]))
+    assert out.loss.item() == 6.75 and out.td_error.tolist() == [-3.0, -3.0]
 
 
 def test_gradient_flows_only_into_the_online_network():

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from rl_pipeline.networks import MLP, update_target
+from rl_pipeline.networks import MLP, DuelingMLP, update_target
 from rl_pipeline.validation import ConfigError
 
 
@@ -35,6 +35,19 @@ def test_polyak_sync_moves_tau_of_the_way():
     ("kwargs", "key"),
     [({"hidden_sizes": []}, "hidden_sizes"), ({"hidden_sizes": [8, 0]}, "hidden_sizes"), ({"activation": "swish"}, "activation")],
 )
-def test_rejects_bad_arguments_naming_the_key(kwargs, key):
+@pytest.mark.parametrize("network", [MLP, DuelingMLP])
+def test_rejects_bad_arguments_naming_the_key(kwargs, key, network):
     with pytest.raises(ConfigError, match=f"^{key}: expected"):
-        MLP((4,), 2, **kwargs)
+        network((4,), 2, **kwargs)
+
+
+@pytest.mark.parametrize("hidden_sizes", [[8], [16, 8]])
+def test_dueling_q_values_are_value_plus_mean_centred_advantages(hidden_sizes):
+    q_network = DuelingMLP(observation_shape=(4,), num_actions=3, hidden_sizes=hidden_sizes)
+    observations = torch.randn(5, 4)
+    features = q_network.trunk(observations)
+    value, advantage = q_network.value(features), q_network.advantage(features)
+    q_values = q_network(observations)
+    assert q_values.shape == (5, 3)
+    assert torch.allclose(q_values, value + advantage - advantage.mean(dim=1, keepdim=True))
+    assert torch.allclose(q_values.mean(dim=1, keepdim=True), value, atol=1e-6)  # the advantages average to 0
