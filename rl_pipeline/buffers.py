@@ -5,7 +5,8 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 
-from rl_pipeline.validation import expected, positive_int, positive_number, probability
+from rl_pipeline.frames import FrameStore
+from rl_pipeline.validation import boolean, expected, positive_int, positive_number, probability
 
 
 @dataclass
@@ -31,14 +32,17 @@ class UniformReplayBuffer:
     """Keeps the last `capacity` transitions; samples `batch_size` of them uniformly with replacement.
 
     Storage is allocated on the first `add`, shaped and typed after what arrives, so the buffer
-    needs no knowledge of the env.
+    needs no knowledge of the env. With `dedup_frames`, observations of stacked frames (uint8
+    pixels) keep each frame once in a FrameStore, and the transitions hold its slot numbers.
     """
 
-    def __init__(self, capacity: int, batch_size: int):
+    def __init__(self, capacity: int, batch_size: int, dedup_frames: bool = False):
         self.capacity = positive_int("capacity", capacity)
         self.batch_size = positive_int("batch_size", batch_size)
         if batch_size > capacity:
             raise expected("batch_size", f"at most capacity ({capacity})", batch_size)
+        # Room for every transition's newest frame, plus episodes' last frames and each env's recent stacks.
+        self.frames = FrameStore(capacity + capacity // 16 + 1024) if boolean("dedup_frames", dedup_frames) else None
         self.storage: Batch | None = None
         self.cursor = 0  # where the next transition is written
         self.size = 0
@@ -51,17 +55,35 @@ class UniformReplayBuffer:
         """Bytes of storage (0 until the first `add` allocates it)."""
         if self.storage is None:
             return 0
-        return sum(getattr(self.storage, name).nbytes for name in STORED)
+        frames = 0 if self.frames is None else self.frames.nbytes
+        return frames + sum(getattr(self.storage, name).nbytes for name in STORED)
 
     def state_dict(self) -> dict:
-        return {"storage": self.storage, "cursor": self.cursor, "size": self.size}
+        frames = None if self.frames is None else self.frames.state_dict()
+        return {"storage": self.storage, "cursor": self.cursor, "size": self.size, "frames": frames}
 
     def load_state_dict(self, state: dict) -> None:
         self.storage, self.cursor, self.size = state["storage"], state["cursor"], state["size"]
+        if self.frames is not None:
+            self.frames.load_state_dict(state["frames"])
 
-    def add(self, observations, actions, rewards, next_observations, terminated, steps=None) -> None:
-        """Append a batch of transitions (numpy arrays with a leading batch dimension); `steps` is 1 unless given."""
+    def add(self, observations, actions, rewards, next_observations, terminated, steps=None, env_ids=None) -> None:
+        """Append a batch of transitions (numpy arrays with a leading batch dimension).
+
+        `steps` is 1 unless given; `env_ids` says which env's stream each transition is from (0 unless given).
+        """
         count = len(actions)
+        if count > self.capacity:
+            raise ValueError(f"cannot add {count} transitions at once to a buffer of capacity {self.capacity}")
+        indices = (self.cursor + torch.arange(count)) % self.capacity
+        if self.frames is not None:
+            env_ids = np.zeros(count, dtype=np.int64) if env_ids is None else env_ids
+            overwritten = indices[indices < self.size]
+            if len(overwritten):
+                self.frames.release(self.storage.observations[overwritten])
+                self.frames.release(self.storage.next_observations[overwritten])
+            observations = self.frames.store(np.asarray(observations), env_ids)
+            next_observations = self.frames.store(np.asarray(next_observations), env_ids)
         incoming = Batch(
             torch.as_tensor(np.asarray(observations)),
             torch.as_tensor(np.asarray(actions), dtype=torch.int64),
@@ -70,11 +92,8 @@ class UniformReplayBuffer:
             torch.as_tensor(np.asarray(terminated), dtype=torch.float32),
             torch.ones(count, dtype=torch.int64) if steps is None else torch.as_tensor(np.asarray(steps), dtype=torch.int64),
         )
-        if count > self.capacity:
-            raise ValueError(f"cannot add {count} transitions at once to a buffer of capacity {self.capacity}")
         if self.storage is None:
             self.storage = self._allocate(incoming)
-        indices = (self.cursor + torch.arange(count)) % self.capacity
         for name in STORED:
             getattr(self.storage, name)[indices] = getattr(incoming, name)
         self.cursor = (self.cursor + count) % self.capacity
@@ -98,7 +117,14 @@ class UniformReplayBuffer:
         return self.size
 
     def _gather(self, indices: torch.Tensor) -> Batch:
-        return Batch(*(getattr(self.storage, name)[indices] for name in STORED), indices=indices)
+        batch = Batch(*(getattr(self.storage, name)[indices] for name in STORED), indices=indices)
+        if self.frames is None:
+            return batch
+        return replace(
+            batch,
+            observations=self.frames.load(batch.observations),
+            next_observations=self.frames.load(batch.next_observations),
+        )
 
     def _allocate(self, example: Batch) -> Batch:
         return Batch(
@@ -163,8 +189,9 @@ class PrioritizedReplayBuffer(UniformReplayBuffer):
         beta_start: float = 0.4,
         beta_steps: int = 100_000,
         epsilon: float = 1e-6,
+        dedup_frames: bool = False,
     ):
-        super().__init__(capacity, batch_size)
+        super().__init__(capacity, batch_size, dedup_frames)
         self.alpha = probability("alpha", alpha)
         self.beta_start = probability("beta_start", beta_start)
         self.beta_steps = positive_int("beta_steps", beta_steps)

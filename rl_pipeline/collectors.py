@@ -38,7 +38,10 @@ class NStepReturns:
         self.pending = [deque() for _ in range(num_envs)]  # per env: (s, a, r) still short of n steps
 
     def __call__(self, observations, actions, rewards, next_observations, terminated, truncated, real) -> list[tuple]:
-        """This step's sub-env transitions (`real` masks out reset steps) -> the n-step transitions now complete."""
+        """This step's sub-env transitions (`real` masks out reset steps) -> the n-step transitions now complete.
+
+        Each is (s, a, R, s', terminated, k, env).
+        """
         complete = []
         for env in np.flatnonzero(real):
             pending = self.pending[env]
@@ -47,7 +50,9 @@ class NStepReturns:
             while len(pending) == self.n or (ended and pending):
                 discounted = sum(self.gamma**i * reward for i, (_, _, reward) in enumerate(pending))
                 observation, action, _ = pending.popleft()
-                complete.append((observation, action, discounted, next_observations[env], terminated[env], len(pending) + 1))
+                complete.append(
+                    (observation, action, discounted, next_observations[env], terminated[env], len(pending) + 1, env)
+                )
         return complete
 
 
@@ -102,10 +107,12 @@ class Collector:
 
     @torch.no_grad()
     def act(self, q_network: nn.Module, observations: np.ndarray) -> np.ndarray:
-        device = next(q_network.parameters()).device
-        actions = q_network(torch.as_tensor(observations, device=device)).argmax(dim=1).cpu()
         explore = torch.rand(self.num_envs) < self.epsilon
         random_actions = torch.randint(int(self.env.single_action_space.n), (self.num_envs,))
+        if explore.all():  # no greedy action needed: spare the forward pass (all of warm-up)
+            return random_actions.numpy()
+        device = next(q_network.parameters()).device
+        actions = q_network(torch.as_tensor(observations, device=device)).argmax(dim=1).cpu()
         return torch.where(explore, random_actions, actions).numpy()
 
     def state_dict(self) -> dict:

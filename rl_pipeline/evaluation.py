@@ -4,7 +4,6 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium.vector import VectorEnv
@@ -63,25 +62,22 @@ class Evaluator:
 
 
 @torch.no_grad()
-def record_gif(
-    policy: nn.Module, env_id: str, path: Path, seed: int, max_frames: int = 150, every: int = 2
-) -> Path | None:
-    """A greedy episode rendered to an animated GIF (every `every`-th frame, at most `max_frames`).
+def record_gif(policy: nn.Module, env: VectorEnv, path: Path, seed: int, max_frames: int = 150, every: int = 2) -> Path | None:
+    """A greedy episode of `env`'s first sub-env (made with render_mode="rgb_array") as an animated GIF.
 
-    None where the env cannot render to an array.
+    Every `every`-th frame, at most `max_frames`. None where the env cannot render to an array.
     """
-    if "rgb_array" not in gym.make(env_id).metadata.get("render_modes", []):
+    if "rgb_array" not in env.metadata.get("render_modes", []):
         return None
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame draws off-screen; no display here
-    env = gym.make(env_id, render_mode="rgb_array")
-    observation, _ = env.reset(seed=seed)
+    observations, _ = env.reset(seed=seed)
     frames, done, t = [], False, 0
     while not done and len(frames) < max_frames:
         if t % every == 0:
-            frames.append(Image.fromarray(env.render()).reduce(2))
-        action = policy(torch.as_tensor(observation).unsqueeze(0)).argmax(dim=1).item()
-        observation, _, terminated, truncated, _ = env.step(action)
-        done, t = terminated or truncated, t + 1
+            frames.append(Image.fromarray(env.render()[0]).reduce(2))
+        actions = policy(torch.as_tensor(observations)).argmax(dim=1).numpy()
+        observations, _, terminated, truncated, _ = env.step(actions)
+        done, t = bool(terminated[0] or truncated[0]), t + 1
     env.close()
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=40 * every, loop=0)
     return path

@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from rl_pipeline.validation import expected, one_of, positive_int
+from rl_pipeline.validation import boolean, expected, one_of, positive_int
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "gelu": nn.GELU}
 
@@ -44,12 +44,26 @@ class MLP(nn.Module):
         return self.layers(observations.float())
 
 
-class DuelingMLP(nn.Module):
-    """The dueling architecture (Wang et al., 2016) on flat observations: Q(s, a) = V(s) + A(s, a) − mean_a' A(s, a').
+class DuelingHead(nn.Module):
+    """The dueling architecture (Wang et al., 2016): Q(s, a) = V(s) + A(s, a) − mean_a' A(s, a').
 
-    The hidden layers but the last are shared; the value and the advantage stream each get their
-    own last hidden layer.
+    The value and the advantage stream each have one hidden layer of their own on shared features.
     """
+
+    def __init__(self, in_features: int, hidden_size: int, num_actions: int, activation: str = "relu"):
+        super().__init__()
+        self.value = nn.Sequential(*dense_layers(in_features, [hidden_size], activation), nn.Linear(hidden_size, 1))
+        self.advantage = nn.Sequential(
+            *dense_layers(in_features, [hidden_size], activation), nn.Linear(hidden_size, num_actions)
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        advantage = self.advantage(features)
+        return self.value(features) + advantage - advantage.mean(dim=1, keepdim=True)
+
+
+class DuelingMLP(nn.Module):
+    """Dueling Q-network on flat observations: the hidden layers but the last are shared, the last is each stream's."""
 
     def __init__(
         self,
@@ -62,16 +76,48 @@ class DuelingMLP(nn.Module):
         *shared_sizes, stream_size = checked_hidden_sizes(hidden_sizes)
         input_size = math.prod(observation_shape)
         self.trunk = nn.Sequential(nn.Flatten(), *dense_layers(input_size, shared_sizes, activation))
-        trunk_size = [input_size, *shared_sizes][-1]
-        self.value = nn.Sequential(*dense_layers(trunk_size, [stream_size], activation), nn.Linear(stream_size, 1))
-        self.advantage = nn.Sequential(
-            *dense_layers(trunk_size, [stream_size], activation), nn.Linear(stream_size, num_actions)
-        )
+        self.head = DuelingHead([input_size, *shared_sizes][-1], stream_size, num_actions, activation)
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
-        features = self.trunk(observations.float())
-        advantage = self.advantage(features)
-        return self.value(features) + advantage - advantage.mean(dim=1, keepdim=True)
+        return self.head(self.trunk(observations.float()))
+
+
+def nature_conv_trunk(observation_shape: tuple[int, ...]) -> tuple[nn.Sequential, int]:
+    """The Nature DQN's three conv layers on [channels, height, width] pixels; returns it and its output size."""
+    if len(observation_shape) != 3 or min(observation_shape[1:]) < 36:
+        raise expected(
+            "observation_shape", "image observations [channels, height >= 36, width >= 36] (transforms=atari)",
+            tuple(observation_shape),
+        )
+    trunk = nn.Sequential(
+        nn.Conv2d(observation_shape[0], 32, kernel_size=8, stride=4), nn.ReLU(),
+        nn.Conv2d(32, 64, kernel_size=4, stride=2), nn.ReLU(),
+        nn.Conv2d(64, 64, kernel_size=3, stride=1), nn.ReLU(),
+        nn.Flatten(),
+    )
+    with torch.no_grad():
+        features = trunk(torch.zeros(1, *observation_shape)).shape[1]
+    return trunk, features
+
+
+class NatureCNN(nn.Module):
+    """The Nature DQN (Mnih et al., 2015): three conv layers, a hidden layer of 512, one Q-value per action.
+
+    `dueling` puts a dueling head on the conv layers instead, its streams of `hidden_size` each.
+    Takes uint8 pixels and scales them to [0, 1] itself, so the exported model takes the env's frames.
+    """
+
+    def __init__(self, observation_shape: tuple[int, ...], num_actions: int, hidden_size: int = 512, dueling: bool = False):
+        super().__init__()
+        self.trunk, features = nature_conv_trunk(observation_shape)
+        hidden_size = positive_int("hidden_size", hidden_size)
+        if boolean("dueling", dueling):
+            self.head = DuelingHead(features, hidden_size, num_actions)
+        else:
+            self.head = nn.Sequential(*dense_layers(features, [hidden_size], "relu"), nn.Linear(hidden_size, num_actions))
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(observations.float() / 255.0))
 
 
 @torch.no_grad()

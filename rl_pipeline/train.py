@@ -27,7 +27,7 @@ from rl_pipeline.checkpoints import (
     StopAtIterationEnd,
     find_resume_checkpoint,
 )
-from rl_pipeline.envs import require_discrete_actions, reward_threshold, wrap_for_training
+from rl_pipeline.envs import require_discrete_actions, reward_threshold, sub_env_wrappers, wrap_for_training
 from rl_pipeline.evaluation import Evaluator, record_gif
 from rl_pipeline.module import DQNModule, TrainingDiverged
 from rl_pipeline.validation import (
@@ -136,9 +136,14 @@ def solved_return(cfg: DictConfig, env) -> float | None:
     return cfg.trainer.solved_return if cfg.trainer.solved_return is not None else reward_threshold(env)
 
 
-def build_evaluator(cfg: DictConfig, env) -> Evaluator:
+def build_env(cfg: DictConfig, transforms: list, **kwargs):
+    """The env of cfg.env with the sub-env transforms, which the policy's input includes."""
+    return build(cfg.env, "env", wrappers=sub_env_wrappers(transforms), **kwargs)
+
+
+def build_evaluator(cfg: DictConfig, env, transforms: list) -> Evaluator:
     def make_env(num_envs: int):
-        return build(cfg.env, "env", num_envs=num_envs, vectorization_mode="sync")
+        return build_env(cfg, transforms, num_envs=num_envs, vectorization_mode="sync")
 
     return Evaluator(
         make_env,
@@ -151,12 +156,12 @@ def build_evaluator(cfg: DictConfig, env) -> Evaluator:
 
 def build_module(cfg: DictConfig) -> DQNModule:
     """Every part, in data-flow order; all config mistakes surface here, before MLflow or training."""
-    env = build(cfg.env, "env")
+    transforms = [build(node, f"transforms.{name}") for name, node in cfg.transforms.items()]
+    env = build_env(cfg, transforms)
     try:
         num_actions = require_discrete_actions(env)
     except ConfigError as error:
         raise error.within("env") from None
-    transforms = [build(node, f"transforms.{name}") for name, node in cfg.transforms.items()]
     train_env = wrap_for_training(env, transforms)
     q_network = build(
         cfg.network, "network", observation_shape=env.single_observation_space.shape, num_actions=num_actions
@@ -169,7 +174,7 @@ def build_module(cfg: DictConfig) -> DQNModule:
         collector=build(cfg.collector, "collector", env=train_env, buffer=buffer),
         optimizer=build_optimizer(cfg, q_network.parameters()),
         transforms=transforms,
-        evaluator=build_evaluator(cfg, env),
+        evaluator=build_evaluator(cfg, env, transforms),
         updates_per_iteration=cfg.trainer.updates_per_iteration,
         target_sync_interval_updates=cfg.trainer.target_sync_interval_updates,
         target_sync_tau=cfg.trainer.target_sync_tau,
@@ -233,7 +238,8 @@ def log_results(cfg: DictConfig, module: DQNModule, policy: nn.Module, solved: b
     summary["final/wall_seconds"] = time.perf_counter() - started
     mlflow.log_metrics(summary, step=env_steps)
     tracking.log_learning_curve(run_id, output_dir)
-    gif = record_gif(policy, cfg.env.id, output_dir / "episode.gif", seed=cfg.trainer.eval_seed)
+    render_env = build_env(cfg, module.transforms, num_envs=1, vectorization_mode="sync", render_mode="rgb_array")
+    gif = record_gif(policy, render_env, output_dir / "episode.gif", seed=cfg.trainer.eval_seed)
     if gif is not None:
         mlflow.log_artifact(str(gif))
     return eval_return

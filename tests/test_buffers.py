@@ -141,3 +141,57 @@ def test_uniform_samples_carry_their_slots_and_unit_weights():
     add_numbered(buffer, range(5))
     batch = buffer.sample()
     assert torch.equal(batch.rewards.long(), batch.indices) and torch.equal(batch.weights, torch.ones(16))
+
+
+def frame_stream(num_frames: int, stack_size: int = 4, episode_starts=(0,), seed: int = 0):
+    """A stack-of-frames observation per step, as FrameStackObservation gives: an episode's first stack repeats its first frame."""
+    frames = np.random.default_rng(seed).integers(0, 256, size=(num_frames, 6, 5), dtype=np.uint8)
+    observations = []
+    for t in range(num_frames):
+        start = max(s for s in episode_starts if s <= t)
+        observations.append(frames[[max(start, t - stack_size + 1 + j) for j in range(stack_size)]])
+    return np.stack(observations)
+
+
+@pytest.mark.parametrize("n_step", [1, 3])
+def test_dedup_frames_stores_each_frame_once_and_gives_back_the_observations(n_step):
+    # Two envs' streams, interleaved as the collector adds them; env 1 starts a new episode at step 10.
+    streams = [frame_stream(30, seed=0), frame_stream(30, episode_starts=(0, 10), seed=1)]
+    buffer = UniformReplayBuffer(capacity=200, batch_size=8, dedup_frames=True)
+    for t in range(30 - n_step):
+        for env, stream in enumerate(streams):
+            if env == 1 and 10 - n_step <= t < 10:
+                continue  # the n-step window must not cross env 1's episode end
+            buffer.add(stream[[t]], [0], [0.0], stream[[t + n_step]], [False], [n_step], env_ids=np.array([env]))
+    distinct = len(np.unique(np.concatenate(streams).reshape(-1, 30), axis=0))
+    assert buffer.frames.capacity - buffer.frames.num_free == distinct  # each frame once
+    batch = buffer._gather(torch.arange(len(buffer)))
+    expected = [(s[t], s[t + n_step]) for t in range(30 - n_step) for env, s in enumerate(streams)
+                if not (env == 1 and 10 - n_step <= t < 10)]
+    assert torch.equal(batch.observations, torch.as_tensor(np.stack([o for o, _ in expected])))
+    assert torch.equal(batch.next_observations, torch.as_tensor(np.stack([n for _, n in expected])))
+    assert batch.observations.dtype == torch.uint8
+
+
+def test_dedup_frames_frees_the_frames_of_overwritten_transitions():
+    stream = frame_stream(500)
+    buffer = UniformReplayBuffer(capacity=50, batch_size=8, dedup_frames=True)
+    for t in range(499):
+        buffer.add(stream[[t]], [0], [0.0], stream[[t + 1]], [False])
+    # 50 transitions span 51 distinct frames (4-frame stacks overlap): 53 counts the 8 recent stacks' few more.
+    assert buffer.frames.capacity - buffer.frames.num_free <= 50 + 3 + 8
+    batch = buffer._gather(torch.arange(50))
+    newest = [(t % 50, t) for t in range(449, 499)]
+    for slot, t in newest:
+        assert torch.equal(batch.observations[slot], torch.as_tensor(stream[t]))
+        assert torch.equal(batch.next_observations[slot], torch.as_tensor(stream[t + 1]))
+
+
+def test_dedup_frames_bytes_per_transition_are_about_one_frame():
+    frames = np.random.default_rng(0).integers(0, 256, size=(10_004, 84, 84), dtype=np.uint8)
+    buffer = UniformReplayBuffer(capacity=10_000, batch_size=8, dedup_frames=True)
+    for t in range(10_000):
+        buffer.add(frames[None, t : t + 4], [0], [0.0], frames[None, t + 1 : t + 5], [False])
+    # The frame store's slack (1/16 and 1,024 frames) and the slot numbers: under 1.3 frames a transition,
+    # where whole stacks would take 4 frames, and s' beside s 8.
+    assert buffer.nbytes / buffer.capacity < 1.3 * 84 * 84

@@ -159,6 +159,8 @@ BAD_INPUTS = [
     ("env.vectorization_mode=threads", "env.vectorization_mode"),  # unknown choice
     ("env.id=NoSuchEnv-v0", "env.id"),  # unknown env id
     ("env.id=Pendulum-v1", "env.id"),  # continuous actions: not for DQN
+    ("transforms=atari", "env.id: expected an Atari env"),  # Atari preprocessing on CartPole
+    ("env=acrobot env.vectorization_mode=vector_entry_point", "env.vectorization_mode"),  # no native vector form
     ("buffer.batch_size=512 buffer.capacity=100", "buffer.batch_size"),  # a batch larger than the buffer
     ("collector.frames_per_iteration=255", "collector.frames_per_iteration"),  # not a multiple of num_envs
     ("buffer.batch_size=0", "buffer.batch_size"),  # non-positive size
@@ -209,6 +211,21 @@ def test_another_env_option_trains_through_the_same_pipeline(tmp_path, tracking_
     assert result.returncode == 0, result.stderr[-2000:]
     (run,) = all_runs(tracking_uri)
     assert run.info.status == "FINISHED" and run.data.params["env.id"] == "Acrobot-v1"
+
+
+def test_dqn_atari_trains_pong_on_pixels_and_logs_a_model_that_takes_stacked_frames(tmp_path, tracking_uri):
+    result = run_cli(
+        "+experiment=dqn_atari", "trainer.max_env_steps=3072", "collector.learning_starts=2048",
+        "trainer.updates_per_iteration=8", "trainer.eval_interval_env_steps=3072", "trainer.eval_episodes=1",
+        "buffer.capacity=5000", "trainer.lightning.enable_progress_bar=false", cwd=tmp_path, tracking_uri=tracking_uri,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = all_runs(tracking_uri)
+    assert run.info.status == "FINISHED" and run.data.params["env.id"] == "ale_py:ALE/Pong-v5"
+    assert run.data.metrics["final/env_steps"] == 3072 and "train/loss" in run.data.metrics
+    mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    assert model(torch.zeros(2, 4, 84, 84, dtype=torch.uint8)).shape == (2, 6)  # Pong's 6 actions
 
 
 def test_same_config_and_seed_give_identical_metrics_at_every_step(tmp_path):

@@ -101,7 +101,8 @@ def fold(n_step: NStepReturns, steps) -> list[tuple]:
         next_observations = observations + [1, 0]
         complete = n_step(observations, np.zeros(num_envs, dtype=int), np.array(rewards, dtype=np.float64),
                           next_observations, np.array(terminated), np.array(truncated), np.array(real))
-        out += [(int(s[1]), int(s[0]), r, int(s2[0]), bool(term), k) for s, _, r, s2, term, k in complete]
+        out += [(env, int(s[0]), r, int(s2[0]), bool(term), k) for s, _, r, s2, term, k, env in complete]
+        assert all(s[1] == env for s, *_, env in complete)  # each transition names the env it came from
     return out
 
 

@@ -10,6 +10,8 @@ from rl_pipeline.tracking import flatten
 from rl_pipeline.train import GROUPS, build_module, check_settings
 
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))]
+# Options for pixels compose with the Atari preset; every other one with the CartPole one.
+PIXEL_OPTIONS = {("env", "pong"), ("transforms", "atari"), ("network", "nature_cnn"), ("network", "dueling_cnn")}
 
 
 def test_every_group_has_an_option():
@@ -18,7 +20,8 @@ def test_every_group_has_an_option():
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_builds(group, option):
-    cfg = compose_config("+experiment=dqn", f"{group}={option}")
+    experiment = "dqn_atari" if (group, option) in PIXEL_OPTIONS else "dqn"
+    cfg = compose_config(f"+experiment={experiment}", f"{group}={option}", "buffer.capacity=1000", "trainer.eval_episodes=2")
     check_settings(cfg)
     module = build_module(cfg)
     assert isinstance(module, DQNModule)

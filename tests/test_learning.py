@@ -1,6 +1,7 @@
-"""DQN learns: `+experiment=dqn seed=0` solves CartPole-v1, and the policy it logs holds up."""
+"""DQN learns: `+experiment=dqn seed=0` and `+experiment=rainbow_lite seed=0` solve CartPole-v1, and the policies they log hold up."""
 
 import mlflow
+import pytest
 
 from conftest import all_runs, run_cli
 from rl_pipeline.envs import make_vector_env
@@ -9,8 +10,9 @@ from rl_pipeline.evaluation import evaluate
 FRESH_SEED = 987_654  # no run ever resets an env with these seeds
 
 
-def test_dqn_solves_cartpole_and_its_logged_policy_holds_on_fresh_episodes(tmp_path, tracking_uri):
-    result = run_cli("+experiment=dqn", "seed=0", "trainer.lightning.enable_progress_bar=false",
+@pytest.mark.parametrize("experiment", ["dqn", "rainbow_lite"])
+def test_solves_cartpole_and_its_logged_policy_holds_on_fresh_episodes(tmp_path, tracking_uri, experiment):
+    result = run_cli(f"+experiment={experiment}", "seed=0", "trainer.lightning.enable_progress_bar=false",
                      cwd=tmp_path, tracking_uri=tracking_uri)
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = all_runs(tracking_uri)

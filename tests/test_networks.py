@@ -46,7 +46,7 @@ def test_dueling_q_values_are_value_plus_mean_centred_advantages(hidden_sizes):
     q_network = DuelingMLP(observation_shape=(4,), num_actions=3, hidden_sizes=hidden_sizes)
     observations = torch.randn(5, 4)
     features = q_network.trunk(observations)
-    value, advantage = q_network.value(features), q_network.advantage(features)
+    value, advantage = q_network.head.value(features), q_network.head.advantage(features)
     q_values = q_network(observations)
     assert q_values.shape == (5, 3)
     assert torch.allclose(q_values, value + advantage - advantage.mean(dim=1, keepdim=True))

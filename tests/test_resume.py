@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 
-import gymnasium as gym
 import mlflow
 import numpy as np
 import pytest
@@ -14,9 +13,9 @@ import torch
 
 from conftest import all_runs, run_cli
 from rl_pipeline.checkpoints import AtomicCheckpointIO, check_same_config
-from rl_pipeline.envs import env_state, make_vector_env, restore_env_state, wrap_for_training
+from rl_pipeline.envs import env_state, make_vector_env, restore_env_state, sub_env_wrappers, wrap_for_training
 from rl_pipeline.tracking import MLFlowLogger
-from rl_pipeline.transforms import NormalizeObservation
+from rl_pipeline.transforms import ClipReward, FrameStack, NormalizeObservation
 from rl_pipeline.validation import ConfigError
 
 # Half the budget is 10,240 env steps; checkpoints every 2,560.
@@ -82,9 +81,20 @@ def test_a_save_cut_short_leaves_the_previous_checkpoint_whole(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no partial file left behind
 
 
-def test_env_state_restores_physics_rngs_and_wrapper_statistics():
+@pytest.mark.parametrize(
+    ("vectorization_mode", "make_transforms"),
+    [
+        ("sync", lambda: [NormalizeObservation()]),
+        ("sync", lambda: [FrameStack(3), ClipReward(-0.5, 0.5)]),  # a sub-env wrapper; a wrapper holding a lambda
+        ("vector_entry_point", lambda: [NormalizeObservation(), ClipReward()]),
+    ],
+    ids=["normalize_obs", "frame_stack+clip_reward", "native-vector"],
+)
+def test_env_state_restores_physics_rngs_and_wrapper_statistics(vectorization_mode, make_transforms):
     def make():
-        return wrap_for_training(make_vector_env("CartPole-v1", num_envs=3), [NormalizeObservation()])
+        transforms = make_transforms()
+        env = make_vector_env("CartPole-v1", 3, vectorization_mode, wrappers=sub_env_wrappers(transforms))
+        return wrap_for_training(env, transforms)
 
     original, copy = make(), make()
     original.reset(seed=7)
@@ -98,8 +108,13 @@ def test_env_state_restores_physics_rngs_and_wrapper_statistics():
             np.testing.assert_array_equal(a, b)
 
 
-def test_env_state_is_none_for_sub_envs_in_other_processes():
-    env = gym.make_vec("CartPole-v1", num_envs=2, vectorization_mode="async")
+@pytest.mark.parametrize(
+    ("id", "kwargs"),
+    [("CartPole-v1", {"vectorization_mode": "async"}), ("ale_py:ALE/Pong-v5", {})],
+    ids=["sub-envs in other processes", "ALE emulators"],
+)
+def test_env_state_is_none_for_sub_envs_it_cannot_restore_exactly(id, kwargs):
+    env = make_vector_env(id, num_envs=2, **kwargs)
     try:
         assert env_state(env) is None
     finally:
