@@ -25,25 +25,6 @@ def dense_layers(input_size: int, sizes: list[int], activation: str) -> list[nn.
     return layers
 
 
-class MLP(nn.Module):
-    """Fully connected Q-network on flat observations."""
-
-    def __init__(
-        self,
-        observation_shape: tuple[int, ...],
-        num_actions: int,
-        hidden_sizes: list[int] = (64, 64),
-        activation: str = "relu",
-    ):
-        super().__init__()
-        sizes = checked_hidden_sizes(hidden_sizes)
-        hidden = dense_layers(math.prod(observation_shape), sizes, activation)
-        self.layers = nn.Sequential(nn.Flatten(), *hidden, nn.Linear(sizes[-1], num_actions))
-
-    def forward(self, observations: torch.Tensor) -> torch.Tensor:
-        return self.layers(observations.float())
-
-
 class DuelingHead(nn.Module):
     """The dueling architecture (Wang et al., 2016): Q(s, a) = V(s) + A(s, a) − mean_a' A(s, a').
 
@@ -62,8 +43,12 @@ class DuelingHead(nn.Module):
         return self.value(features) + advantage - advantage.mean(dim=1, keepdim=True)
 
 
-class DuelingMLP(nn.Module):
-    """Dueling Q-network on flat observations: the hidden layers but the last are shared, the last is each stream's."""
+class MLP(nn.Module):
+    """Fully connected Q-network on flat observations.
+
+    `dueling` puts a dueling head on it instead of a linear one: the hidden layers but the last are
+    shared, and the last is each stream's.
+    """
 
     def __init__(
         self,
@@ -71,12 +56,19 @@ class DuelingMLP(nn.Module):
         num_actions: int,
         hidden_sizes: list[int] = (64, 64),
         activation: str = "relu",
+        dueling: bool = False,
     ):
         super().__init__()
-        *shared_sizes, stream_size = checked_hidden_sizes(hidden_sizes)
+        sizes = checked_hidden_sizes(hidden_sizes)
         input_size = math.prod(observation_shape)
-        self.trunk = nn.Sequential(nn.Flatten(), *dense_layers(input_size, shared_sizes, activation))
-        self.head = DuelingHead([input_size, *shared_sizes][-1], stream_size, num_actions, activation)
+        dueling = boolean("dueling", dueling)
+        trunk_sizes = sizes[:-1] if dueling else sizes
+        self.trunk = nn.Sequential(nn.Flatten(), *dense_layers(input_size, trunk_sizes, activation))
+        features = [input_size, *trunk_sizes][-1]
+        if dueling:
+            self.head = DuelingHead(features, sizes[-1], num_actions, activation)
+        else:
+            self.head = nn.Linear(features, num_actions)
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
         return self.head(self.trunk(observations.float()))

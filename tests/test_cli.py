@@ -118,7 +118,7 @@ def test_interrupted_run_saves_a_checkpoint_ends_killed_and_resumes_to_finished(
     assert run.info.status == "KILLED"
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     stopped_at = checkpoint["training_state"]["collector"]["env_steps"]
-    assert 2560 <= stopped_at < 25600 and "q_network.layers.1.weight" in checkpoint["state_dict"]
+    assert 2560 <= stopped_at < 25600 and "q_network.trunk.1.weight" in checkpoint["state_dict"]
     assert (checkpoint["training_state"]["buffer"] is not None) == keep_buffer
     assert checkpoint["run"]["mlflow_run_id"] == run.info.run_id
 

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from rl_pipeline.networks import MLP, DuelingMLP, update_target
+from rl_pipeline.networks import MLP, NatureCNN, update_target
 from rl_pipeline.validation import ConfigError
 
 
@@ -35,15 +35,15 @@ def test_polyak_sync_moves_tau_of_the_way():
     ("kwargs", "key"),
     [({"hidden_sizes": []}, "hidden_sizes"), ({"hidden_sizes": [8, 0]}, "hidden_sizes"), ({"activation": "swish"}, "activation")],
 )
-@pytest.mark.parametrize("network", [MLP, DuelingMLP])
-def test_rejects_bad_arguments_naming_the_key(kwargs, key, network):
+@pytest.mark.parametrize("dueling", [False, True])
+def test_rejects_bad_arguments_naming_the_key(kwargs, key, dueling):
     with pytest.raises(ConfigError, match=f"^{key}: expected"):
-        network((4,), 2, **kwargs)
+        MLP((4,), 2, dueling=dueling, **kwargs)
 
 
 @pytest.mark.parametrize("hidden_sizes", [[8], [16, 8]])
 def test_dueling_q_values_are_value_plus_mean_centred_advantages(hidden_sizes):
-    q_network = DuelingMLP(observation_shape=(4,), num_actions=3, hidden_sizes=hidden_sizes)
+    q_network = MLP(observation_shape=(4,), num_actions=3, hidden_sizes=hidden_sizes, dueling=True)
     observations = torch.randn(5, 4)
     features = q_network.trunk(observations)
     value, advantage = q_network.head.value(features), q_network.head.advantage(features)
@@ -51,3 +51,17 @@ def test_dueling_q_values_are_value_plus_mean_centred_advantages(hidden_sizes):
     assert q_values.shape == (5, 3)
     assert torch.allclose(q_values, value + advantage - advantage.mean(dim=1, keepdim=True))
     assert torch.allclose(q_values.mean(dim=1, keepdim=True), value, atol=1e-6)  # the advantages average to 0
+
+
+@pytest.mark.parametrize("dueling", [False, True])
+def test_nature_cnn_maps_stacked_uint8_frames_to_one_q_value_per_action(dueling):
+    q_network = NatureCNN(observation_shape=(4, 84, 84), num_actions=6, dueling=dueling)
+    frames = torch.randint(0, 256, (3, 4, 84, 84), dtype=torch.uint8)
+    assert q_network(frames).shape == (3, 6)
+    # It scales pixels itself: the same frames as floats in [0, 1] would be a different input.
+    assert torch.equal(q_network(frames), q_network.head(q_network.trunk(frames.float() / 255)))
+
+
+def test_nature_cnn_refuses_flat_observations_naming_the_key():
+    with pytest.raises(ConfigError, match=r"^observation_shape: expected image observations"):
+        NatureCNN(observation_shape=(4,), num_actions=2)
