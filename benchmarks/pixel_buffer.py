@@ -30,7 +30,7 @@ def main() -> None:
     buffer = UniformReplayBuffer(capacity=args.capacity, batch_size=32, dedup_frames=True)
     collector = Collector(
         wrap_for_training(env, transforms), buffer, frames_per_iteration=256, max_env_steps=args.env_steps,
-        learning_starts=args.env_steps,  # random actions throughout: no network needed
+        learning_starts=2 * args.env_steps,  # random actions throughout: no network needed
     )
     started = time.perf_counter()
     while collector.env_steps < args.env_steps:
