@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -195,3 +197,18 @@ def test_dedup_frames_bytes_per_transition_are_about_one_frame():
     # The frame store's slack (1/16 and 1,024 frames) and the slot numbers: under 1.3 frames a transition,
     # where whole stacks would take 4 frames, and s' beside s 8.
     assert buffer.nbytes / buffer.capacity < 1.3 * 84 * 84
+
+
+def test_dedup_frames_buffer_state_round_trips_and_goes_on_storing_each_frame_once():
+    stream = frame_stream(40)
+    original = UniformReplayBuffer(capacity=16, batch_size=4, dedup_frames=True)
+    for t in range(20):
+        original.add(stream[[t]], [0], [0.0], stream[[t + 1]], [False])
+    restored = UniformReplayBuffer(capacity=16, batch_size=4, dedup_frames=True)
+    restored.load_state_dict(copy.deepcopy(original.state_dict()))
+    for buffer in (original, restored):
+        for t in range(20, 39):
+            buffer.add(stream[[t]], [0], [0.0], stream[[t + 1]], [False])
+    everything = torch.arange(16)
+    assert torch.equal(restored._gather(everything).observations, original._gather(everything).observations)
+    assert restored.frames.num_free == original.frames.num_free
