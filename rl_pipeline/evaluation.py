@@ -78,6 +78,5 @@ def record_gif(policy: nn.Module, env: VectorEnv, path: Path, seed: int, max_fra
         actions = policy(torch.as_tensor(observations)).argmax(dim=1).numpy()
         observations, _, terminated, truncated, _ = env.step(actions)
         done, t = bool(terminated[0] or truncated[0]), t + 1
-    env.close()
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=40 * every, loop=0)
     return path

@@ -240,6 +240,7 @@ def log_results(cfg: DictConfig, module: DQNModule, policy: nn.Module, solved: b
     tracking.log_learning_curve(run_id, output_dir)
     render_env = build_env(cfg, module.transforms, num_envs=1, vectorization_mode="sync", render_mode="rgb_array")
     gif = record_gif(policy, render_env, output_dir / "episode.gif", seed=cfg.trainer.eval_seed)
+    render_env.close()
     if gif is not None:
         mlflow.log_artifact(str(gif))
     return eval_return
