@@ -58,6 +58,16 @@ class UniformReplayBuffer:
         frames = 0 if self.frames is None else self.frames.nbytes
         return frames + sum(getattr(self.storage, name).nbytes for name in STORED)
 
+    def planned_nbytes(self, observation_shape: tuple[int, ...], observation_dtype) -> int:
+        """Bytes the storage will take once full, for observations of this shape and dtype."""
+        observation = int(np.prod(observation_shape)) * np.dtype(observation_dtype).itemsize
+        scalars = 8 + 4 + 4 + 8  # action, reward, terminated, steps
+        if self.frames is None:
+            return self.capacity * (2 * observation + scalars)
+        stack = observation_shape[0]
+        slots = 2 * stack * 8  # the observation and the next one, as int64 slot numbers
+        return self.capacity * (slots + scalars) + self.frames.capacity * (observation // stack)
+
     def state_dict(self) -> dict:
         frames = None if self.frames is None else self.frames.state_dict()
         return {"storage": self.storage, "cursor": self.cursor, "size": self.size, "frames": frames}

@@ -3,14 +3,20 @@
 Each one holds what continuing exactly needs: Lightning's own state (networks, optimizer, loop
 counters, callbacks) plus the DQNModule's training state (replay buffer, envs, RNGs), the MLflow run
 id and the config it was trained with, so that `resume=` finds the run and refuses another config.
+Every file ends in a SHA-256 of what precedes it, checked before it is loaded.
 """
 
+import fcntl
+import hashlib
 import logging
 import os
 import random
 import re
 import signal
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -26,6 +32,9 @@ from rl_pipeline.validation import ConfigError, expected
 log = logging.getLogger(__name__)
 
 LAST = "last.ckpt"
+LOCK = ".lock"  # held by the one process that trains a run
+CHECKSUM = b"rl_pipeline sha256:"  # the trailer's prefix; the 32-byte digest follows
+TRAILER_BYTES = len(CHECKSUM) + 32
 CHECKPOINT_TAG = "checkpoint"  # on each MLflow run: the path of its last.ckpt
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 # Where a job writes, not what it trains: these may differ between a run and its resume.
@@ -42,38 +51,132 @@ def restore_rng_states(states: dict) -> None:
     random.setstate(states["python"])
 
 
+class CorruptCheckpoint(Exception):
+    """A checkpoint whose bytes are not the ones that were written."""
+
+
+class HashingWriter:
+    """A file that hashes what is written through it, so the checksum costs no second copy in memory.
+
+    It keeps the OSError of a failed write (a full disk), which torch.save reports as a vaguer RuntimeError.
+    """
+
+    def __init__(self, file):
+        self.file, self.digest = file, hashlib.sha256()
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def verify_checksum(path: Path) -> None:
+    """Raises CorruptCheckpoint unless the file ends in the SHA-256 of the rest of it."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        remaining = max(size - TRAILER_BYTES, 0)
+        while remaining:
+            chunk = file.read(min(remaining, 1 << 20))
+            digest.update(chunk)
+            remaining -= len(chunk)
+        trailer = file.read()
+    if trailer != CHECKSUM + digest.digest():
+        raise CorruptCheckpoint(f"{path} is corrupt: its checksum does not match its contents")
+
+
+def read_checkpoint(path, weights_only: bool = False) -> dict:
+    """A checkpoint's contents, once its checksum holds."""
+    verify_checksum(Path(path))
+    return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes a temp file beside the checkpoint, then renames it over: a kill mid-save keeps the old one.
 
     (Lightning's own save stages the file in the system temp dir, and moving it from another
-    filesystem is a copy, which a kill can cut short.)
+    filesystem is a copy, which a kill can cut short.) The file ends in its checksum; loading checks it.
     """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as partial:
-            try:
-                torch.save(checkpoint, partial)
+        partial = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False)
+        writer = HashingWriter(partial)
+        try:
+            with partial:
+                torch.save(checkpoint, writer)
+                partial.write(CHECKSUM + writer.digest.digest())
                 partial.flush()
                 os.fsync(partial.fileno())
-            except BaseException:
-                os.unlink(partial.name)
-                raise
+        except BaseException:
+            os.unlink(partial.name)
+            if writer.error is not None:
+                raise writer.error from None
+            raise
         os.replace(partial.name, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict:
+        verify_checksum(Path(path))
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+
+class RunLock:
+    """An exclusive lock on a run's checkpoint folder, held while a process trains the run.
+
+    The kernel drops it when the process ends, however it ends, so a killed run can be resumed
+    at once while a live one (or a resume in progress) cannot be resumed a second time.
+    """
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / LOCK
+        self.file = None
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise ConfigError(
+                "resume", f"the run in {self.path.parent} is being trained by another process (pid {holder}); "
+                "resume it once that process has stopped"
+            ) from None
+        self.file.truncate(0)
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+        return self
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 class ResumableCheckpoint(pl.Callback):
     """Keeps `dirpath/last.ckpt` current: every `interval_env_steps`, on an interrupt, and when training ends.
 
     Not on a diverged loss: the checkpoint from before it stays, the last good state.
+    Nor on a lost tracking server: a resume from the one before replays the iterations it did not log.
     Lightning's ModelCheckpoint counts optimizer steps, not env steps, hence this callback.
     """
 
-    def __init__(self, dirpath: Path, interval_env_steps: int, mlflow_run_id: str, config: dict):
+    def __init__(self, dirpath: Path, interval_env_steps: int, config: dict):
         self.path = Path(dirpath) / LAST
         self.interval_env_steps = interval_env_steps
-        self.run = {"mlflow_run_id": mlflow_run_id, "config": config}
+        self.config = config
+        self.mlflow_run_id: str | None = None  # set once the run exists, before training
+        self.training_done = False  # the checkpoint written when training ended: a resume from it only exports
         self.saved_at_env_steps = 0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
@@ -81,6 +184,7 @@ class ResumableCheckpoint(pl.Callback):
             self.save(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.training_done = True
         self.save(trainer, pl_module)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -93,7 +197,7 @@ class ResumableCheckpoint(pl.Callback):
         log.info("Saved %s at %d env steps", self.path, self.saved_at_env_steps)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        checkpoint["run"] = self.run
+        checkpoint["run"] = {"mlflow_run_id": self.mlflow_run_id, "config": self.config, "training_done": self.training_done}
         checkpoint["training_state"] = pl_module.training_state()
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
@@ -134,14 +238,61 @@ class StopAtIterationEnd(pl.Callback):
             signal.signal(signal.SIGINT, self.previous_handler)
 
 
-def find_resume_checkpoint(resume, params: dict[str, str], experiment_name: str, uri: str) -> tuple[Path, str]:
-    """The checkpoint and MLflow run id that `resume=` names, checked against this job's config."""
+@dataclass
+class Resume:
+    path: Path  # the run's last.ckpt
+    run_id: str  # its MLflow run
+    training_done: bool  # only the export is left to do
+
+
+class SigtermExits:
+    """From entering until leaving, SIGTERM exits (SystemExit 143, so the MLflow run ends KILLED).
+
+    Inside `lightning_fit()` Lightning's own handler takes over: it stops at the next batch boundary,
+    after a checkpoint. A SIGTERM that reached fit after its last batch boundary exits once fit returns.
+    """
+
+    EXIT_CODE = 128 + signal.SIGTERM
+
+    def __init__(self):
+        self.fitting, self.received = False, False
+
+    def __enter__(self) -> "SigtermExits":
+        self.previous_handler = signal.signal(signal.SIGTERM, self.handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        signal.signal(signal.SIGTERM, self.previous_handler)
+
+    def handle(self, signum, frame) -> None:
+        self.received = True
+        if not self.fitting:
+            raise SystemExit(self.EXIT_CODE)
+
+    @contextmanager
+    def lightning_fit(self) -> Iterator[None]:
+        self.fitting = True
+        try:
+            yield
+        finally:
+            self.fitting = False
+        if self.received:
+            raise SystemExit(self.EXIT_CODE)
+
+
+def find_resume_checkpoint(resume, params: dict[str, str], experiment_name: str, uri: str) -> Resume:
+    """The checkpoint and MLflow run that `resume=` names, checked against this job's config."""
     client = mlflow.MlflowClient(uri)
     path = checkpoint_path(str(resume), client, experiment_name)
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["run"]
+        checkpoint = read_checkpoint(path)
+        saved, weights = checkpoint["run"], checkpoint["state_dict"]
+    except CorruptCheckpoint as error:
+        raise ConfigError("resume", f"{error}; nothing was resumed") from None
     except Exception:
         raise expected("resume", "a checkpoint written by rl_pipeline", str(path)) from None
+    if not all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point()):
+        raise ConfigError("resume", f"{path} holds non-finite weights; nothing was resumed")
     check_same_config(saved["config"], params)
     run_id = saved["mlflow_run_id"]
     try:
@@ -150,7 +301,7 @@ def find_resume_checkpoint(resume, params: dict[str, str], experiment_name: str,
         raise ConfigError("resume", f"the checkpoint's MLflow run {run_id} is not in the store {uri}") from None
     if status == "FINISHED":
         raise ConfigError("resume", f"MLflow run {run_id} is FINISHED already; nothing to resume")
-    return path, run_id
+    return Resume(path, run_id, saved.get("training_done", False))
 
 
 def checkpoint_path(resume: str, client: mlflow.MlflowClient, experiment_name: str) -> Path:
@@ -160,6 +311,10 @@ def checkpoint_path(resume: str, client: mlflow.MlflowClient, experiment_name: s
         if run is None or CHECKPOINT_TAG not in run.data.tags:
             raise ConfigError("resume", f"found no MLflow run with a checkpoint for {resume!r} in {client.tracking_uri}")
         path = Path(run.data.tags[CHECKPOINT_TAG])
+        if not path.is_file():
+            raise ConfigError(
+                "resume", f"MLflow run {run.info.run_id} stopped before its first checkpoint; start it anew without resume="
+            )
     else:
         path = Path(resume)
         if path.is_dir():
@@ -178,12 +333,12 @@ def run_or_none(client: mlflow.MlflowClient, run_id: str):
 
 
 def latest_run(client: mlflow.MlflowClient, experiment_name: str):
-    """The experiment's most recently started run that keeps a checkpoint (sweep parents don't)."""
+    """The experiment's most recently started run that has a checkpoint (sweep parents don't)."""
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         return None
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
-    return next((run for run in runs if CHECKPOINT_TAG in run.data.tags), None)
+    return next((run for run in runs if Path(run.data.tags.get(CHECKPOINT_TAG, "")).is_file()), None)
 
 
 def check_same_config(saved: dict[str, str], current: dict[str, str]) -> None:

@@ -66,6 +66,14 @@ def require_discrete_actions(env: gym.vector.VectorEnv) -> int:
     return int(space.n)
 
 
+def require_array_observations(env: gym.vector.VectorEnv) -> gym.spaces.Box:
+    """A sub-env's observation space; the Q-networks take arrays (Box), not Discrete, Tuple or Dict ones."""
+    space = env.single_observation_space
+    if not isinstance(space, gym.spaces.Box):
+        raise ConfigError("id", f"expected an env with Box (array) observations for the Q-network, got {space}")
+    return space
+
+
 def reward_threshold(env: gym.vector.VectorEnv) -> float | None:
     """The return at which gymnasium's registry calls the env solved (475 for CartPole-v1)."""
     return env.unwrapped.spec.reward_threshold

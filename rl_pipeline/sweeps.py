@@ -4,6 +4,7 @@ import atexit
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import mlflow
@@ -63,9 +64,15 @@ class MLflowSweep(Callback):
             for path in compare.write_report(client, finished, report, parent.info.run_name):
                 client.log_artifact(self.parent_run_id, str(path), "comparison")
             self.tag_best(client, finished)
-        ok = children and len(finished) == len(children)
+        failed = [run for run in children if run.info.status != "FINISHED"]
+        ok = children and not failed
         client.set_terminated(self.parent_run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
         atexit.unregister(self.close_if_open)
+        if failed:  # the other jobs ran and are compared; the sweep as a whole did not succeed
+            print(f"Sweep {self.parent_run_id}: {len(failed)} of {len(children)} jobs failed:", file=sys.stderr)
+            for run in failed:
+                print(f"  {run.info.run_name}: {run.data.tags.get(tracking.ERROR_TAG, run.info.status)}", file=sys.stderr)
+            sys.exit(1)
 
     def tag_best(self, client: mlflow.MlflowClient, runs: list) -> None:
         """The best job's run id, eval return and swept params, as tags of the parent."""

@@ -1,7 +1,9 @@
 """MLflow: where the store is, one run per Hydra job, its params, tags, status and artifacts."""
 
+import fcntl
 import json
 import os
+import sys
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +17,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
@@ -25,6 +28,24 @@ from rl_pipeline.validation import ConfigError
 
 DEFAULT_STORE = Path("outputs") / "mlflow.db"
 SWEEP_ENV = "RL_PIPELINE_SWEEP"  # set by the sweep callback for the jobs it launches
+SERVER_SCHEMES = ("http", "https")
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # SQLAlchemy's, with or without +driver
+SQLITE_HEADER = b"SQLite format 3\x00"
+ERROR_TAG = "error"  # on a FAILED run: the one line that said why
+
+
+class TrackingLost(Exception):
+    """The tracking server stopped answering within the bounded wait."""
+
+
+# What MLflow's HTTP client says once its retries are spent on a server that is gone or silent.
+LOST_SERVER_SIGNS = ("Max retries exceeded", "Connection refused", "Read timed out", "Failed to establish")
+
+
+def server_lost(error: BaseException) -> bool:
+    return isinstance(error, TrackingLost) or (
+        isinstance(error, MlflowException) and any(sign in str(error) for sign in LOST_SERVER_SIGNS)
+    )
 
 
 def tracking_uri() -> str:
@@ -32,14 +53,49 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE.resolve()}"
 
 
-def check_reachable(uri: str, timeout_s: float = 3.0) -> None:
-    """Fail fast on a tracking server that does not answer (MLflow's own retries take minutes)."""
-    if not uri.startswith(("http://", "https://")):
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def check_store(uri: str, timeout_s: float = 3.0) -> None:
+    """The store must be a server that answers, or a database: checked before anything is written to it."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0] if ":" in uri else ""
+    if scheme not in SERVER_SCHEMES + DATABASE_SCHEMES:
+        what = "an http(s):// MLflow server or a database URI (sqlite:///, postgresql://, mysql://, mssql://)"
+        raise ConfigError("MLFLOW_TRACKING_URI", f"expected {what}, got {uri}")
+    if scheme in SERVER_SCHEMES:
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s)
+        except OSError as error:
+            raise ConfigError("MLFLOW_TRACKING_URI", f"expected a reachable MLflow server, got {uri} ({error})") from None
+    path = sqlite_path(uri)
+    if path is None:
         return
+    if path.is_dir() or (path.exists() and path.stat().st_size and not is_sqlite(path)):
+        raise ConfigError("MLFLOW_TRACKING_URI", f"expected an SQLite database file, got {path}, which is not one")
     try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s)
+        path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ConfigError("MLFLOW_TRACKING_URI", f"expected a reachable MLflow server, got {uri} ({error})") from None
+        raise ConfigError("MLFLOW_TRACKING_URI", f"cannot create the store's folder {path.parent}: {error.strerror}") from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError("MLFLOW_TRACKING_URI", f"expected a writable SQLite store, got {path}")
+
+
+def is_sqlite(path: Path) -> bool:
+    with open(path, "rb") as file:
+        return file.read(len(SQLITE_HEADER)) == SQLITE_HEADER
+
+
+def bound_server_wait(seconds: float) -> None:
+    """A lost tracking server fails a request within about `seconds` (MLflow's own retries take minutes).
+
+    Four tries of at most seconds/8 each, 0, 2f and 4f seconds apart (f = seconds/12, MLflow takes
+    whole seconds); an MLFLOW_HTTP_REQUEST_* variable the user set wins.
+    """
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(seconds / 8))))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", str(max(1, round(seconds / 12))))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0")
 
 
 def artifact_location(uri: str) -> str | None:
@@ -87,59 +143,113 @@ def current_sweep() -> dict | None:
     return json.loads(sweep) if sweep else None
 
 
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """For an SQLite store, an exclusive lock on a file beside it; no-op for other stores.
+
+    Processes that open one fresh SQLite store at once race in MLflow's schema migration and in
+    creating the experiment; under this lock they take turns.
+    """
+    path = sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def experiment_id(name: str, uri: str) -> str:
-    client = mlflow.MlflowClient(uri)
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location(uri))
+    """The experiment's id, creating it (and a fresh store's tables) under the store's lock."""
+    with store_lock(uri):
+        client = mlflow.MlflowClient(uri)
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        return client.create_experiment(name, artifact_location=artifact_location(uri))
 
 
-def start_run(cfg: DictConfig, uri: str) -> mlflow.ActiveRun:
-    """A new run in the configured experiment, holding the resolved config as params and config.yaml."""
+def new_run_name_and_tags(cfg: DictConfig) -> tuple[str, dict[str, str]]:
+    """A job's run name and tags; in a sweep, a child of the sweep's parent, named by what the sweep varies."""
     overrides = task_overrides()
     tags = {"overrides": " ".join(overrides)}
     sweep = current_sweep()
-    if sweep:  # a child of the sweep's parent run, named by what the sweep varies
+    if sweep:
         tags |= {"mlflow.parentRunId": sweep["parent_run_id"], "sweep_id": sweep["parent_run_id"]}
         overrides = [o for o in overrides if override_key(o) in sweep["swept_keys"]]
-    run = mlflow.start_run(
-        experiment_id=experiment_id(cfg.logger.experiment_name, uri),
-        run_name=cfg.logger.run_name or run_name(overrides),
-        tags=tags,
-    )
+    return cfg.logger.run_name or run_name(overrides), tags
+
+
+def record_failed_job(cfg: DictConfig, error: str) -> None:
+    """A sweep's job that failed before its run existed, recorded as a FAILED run holding the reason."""
+    uri = tracking_uri()
     try:
-        mlflow.log_params(params(cfg))
-        mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-    except BaseException:
-        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
-        raise
-    return run
+        name, tags = new_run_name_and_tags(cfg)
+        client = mlflow.MlflowClient(uri)
+        run = client.create_run(experiment_id(cfg.logger.experiment_name, uri), run_name=name, tags=tags)
+        client.set_tag(run.info.run_id, ERROR_TAG, error[:5000])
+        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+    except Exception as store_error:  # the store itself may be what the job got wrong
+        print(f"(not recorded in the MLflow store {uri}: {str(store_error).splitlines()[0]})", file=sys.stderr)
 
 
 @contextmanager
 def mlflow_run(cfg: DictConfig, resume_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
-    """An active MLflow run, new or resumed (RUNNING again, its params untouched); FINISHED, FAILED or KILLED when left."""
+    """An active MLflow run, new or resumed (RUNNING again, its params untouched).
+
+    The one owner of the run's status: FINISHED when the block completes, that is once everything
+    the run promises is stored; KILLED on Ctrl-C, SIGTERM, exit or a lost server (if it answers
+    again in time; else the run stays RUNNING); FAILED on an error, with its line as the tag `error`.
+    """
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    run = mlflow.start_run(run_id=resume_run_id) if resume_run_id else start_run(cfg, uri)
-    status = RunStatus.FAILED
+    if resume_run_id:
+        run = mlflow.start_run(run_id=resume_run_id)
+    else:
+        name, tags = new_run_name_and_tags(cfg)
+        run = mlflow.start_run(experiment_id=experiment_id(cfg.logger.experiment_name, uri), run_name=name, tags=tags)
     try:
+        if not resume_run_id:
+            mlflow.log_params(params(cfg))
+            mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         yield run
-        status = RunStatus.FINISHED
-    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into exit(1)
-        status = RunStatus.KILLED
+    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into exit(1); SIGTERM exits
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
         raise
-    finally:
-        mlflow.end_run(RunStatus.to_string(status))
+    except Exception as error:
+        if server_lost(error):
+            try:  # one more bounded try: the server may be back
+                mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            except MlflowException:
+                pass
+            raise
+        try:
+            mlflow.set_tag(ERROR_TAG, f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"[:5000])
+        finally:
+            mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        raise
+    mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
 
 
 class MLFlowLogger(pytorch_lightning.loggers.MLFlowLogger):
     """Lightning's MLflow logger, never logging a metric at a step its run already holds.
 
     A resumed run replays the iterations between its last checkpoint and the kill: the run logged
-    those already, and the replay must not log them twice.
+    those already, and the replay must not log them twice. It leaves the run's status to
+    `mlflow_run` (Lightning's would mark it FINISHED before the policy is exported), and turns a
+    server lost for longer than `server_timeout_s` into TrackingLost.
     """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        run_id: str,
+        experiment_name: str = "rl_pipeline",
+        run_name: str | None = None,
+        server_timeout_s: float = 20.0,
+    ):
+        bound_server_wait(server_timeout_s)
+        super().__init__(experiment_name=experiment_name, run_name=run_name, tracking_uri=tracking_uri, run_id=run_id)
 
     @cached_property
     def logged_until(self) -> dict[str, float]:
@@ -152,8 +262,17 @@ class MLFlowLogger(pytorch_lightning.loggers.MLFlowLogger):
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         if step is not None:
             metrics = {key: value for key, value in metrics.items() if step > self.logged_until.get(key, -1)}
-        if metrics:
+        if not metrics:
+            return
+        try:
             super().log_metrics(metrics, step)
+        except MlflowException as error:
+            if not server_lost(error):
+                raise
+            raise TrackingLost(f"{self._tracking_uri} stopped answering") from None
+
+    def finalize(self, status: str = "success") -> None:
+        """The status is `mlflow_run`'s to set, once the export is done."""
 
 
 def log_policy(policy: nn.Module) -> None:

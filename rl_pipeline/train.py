@@ -3,16 +3,18 @@
 import inspect
 import logging
 import math
+import os
 import time
 import warnings
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from torch import nn
@@ -24,10 +26,19 @@ from rl_pipeline.checkpoints import (
     LAST,
     AtomicCheckpointIO,
     ResumableCheckpoint,
+    RunLock,
+    SigtermExits,
     StopAtIterationEnd,
     find_resume_checkpoint,
+    read_checkpoint,
 )
-from rl_pipeline.envs import require_discrete_actions, reward_threshold, sub_env_wrappers, wrap_for_training
+from rl_pipeline.envs import (
+    require_array_observations,
+    require_discrete_actions,
+    reward_threshold,
+    sub_env_wrappers,
+    wrap_for_training,
+)
 from rl_pipeline.evaluation import Evaluator, record_gif
 from rl_pipeline.module import DQNModule, TrainingDiverged
 from rl_pipeline.validation import (
@@ -50,10 +61,16 @@ TRAINER_KEYS = {
     "solved_confirm_episodes", "max_grad_norm", "checkpoint_interval_env_steps", "checkpoint_buffer_max_mb",
     "lightning",
 }
-# pl.Trainer arguments that follow from the env-step budget and the run: not for trainer.lightning.
-PIPELINE_TRAINER_ARGS = (
-    "logger", "callbacks", "plugins", "default_root_dir", "max_epochs", "val_check_interval", "num_sanity_val_steps",
-)
+# pl.Trainer arguments that follow from the env-step budget, the eval interval and the run: not for
+# trainer.lightning. The pipeline passes each of them, most at Lightning's own default.
+FIXED_TRAINER_ARGS = {
+    "max_epochs": 1, "num_sanity_val_steps": 0, "max_steps": -1, "max_time": None, "min_epochs": None,
+    "min_steps": None, "limit_train_batches": None, "limit_val_batches": None, "check_val_every_n_epoch": 1,
+    "fast_dev_run": False, "overfit_batches": 0.0, "num_nodes": 1, "strategy": "auto",
+}
+PIPELINE_TRAINER_ARGS = ("logger", "callbacks", "plugins", "default_root_dir", "val_check_interval", *FIXED_TRAINER_ARGS)
+MAX_SEED = 2**32 - 1  # numpy's limit
+MAX_EXPERIMENT_NAME = 500  # MLflow's limit
 # Stopping and checkpoint selection use the lower confidence bound of the eval mean, not the mean:
 # a policy that scores 475 on 20 episodes by luck must not be the one that gets exported.
 STOP_METRIC = "eval/return_lower_bound"
@@ -100,7 +117,10 @@ def check_settings(cfg: DictConfig) -> None:
     check_no_unknown_keys(cfg.trainer, "trainer.", TRAINER_KEYS)
     check_keys(cfg.trainer.lightning, "trainer.lightning", PIPELINE_TRAINER_ARGS)
     check_keys(cfg.logger, "logger", ("tracking_uri", "run_id"))
-    non_negative_int("seed", cfg.seed)
+    check_logger(cfg.logger)
+    if non_negative_int("seed", cfg.seed) > MAX_SEED:
+        raise expected("seed", f"an integer in [0, {MAX_SEED}]", cfg.seed)
+    check_devices(cfg.trainer.lightning)
     t = cfg.trainer
     for key in ("max_env_steps", "updates_per_iteration", "target_sync_interval_updates",
                 "eval_interval_env_steps", "eval_episodes", "checkpoint_interval_env_steps"):
@@ -117,6 +137,29 @@ def check_settings(cfg: DictConfig) -> None:
         positive_number("trainer.max_grad_norm", t.max_grad_norm)
     if t.solved_return is not None and not isinstance(t.solved_return, (int, float)):
         raise expected("trainer.solved_return", "a number, or null for the env's reward threshold", t.solved_return)
+    learning_starts = cfg.collector.get("learning_starts", 0)
+    if isinstance(learning_starts, int) and t.max_env_steps < learning_starts:
+        raise expected(
+            "trainer.max_env_steps", f"at least collector.learning_starts ({learning_starts}), or no update ever happens",
+            t.max_env_steps,
+        )
+
+
+def check_logger(logger: DictConfig) -> None:
+    name = logger.experiment_name
+    if not (isinstance(name, str) and name.strip() and len(name) <= MAX_EXPERIMENT_NAME):
+        raise expected("logger.experiment_name", f"a name of 1 to {MAX_EXPERIMENT_NAME} characters", name)
+    if logger.run_name is not None and not isinstance(logger.run_name, str):
+        raise expected("logger.run_name", "a string, or null to name the run by its overrides", logger.run_name)
+    positive_number("logger.server_timeout_s", logger.get("server_timeout_s", 20))
+
+
+def check_devices(lightning: DictConfig) -> None:
+    """One process trains a run: several devices would each open a run and split the budget."""
+    devices = lightning.get("devices", 1)
+    one = devices in (1, "1") or (OmegaConf.is_list(devices) and len(devices) == 1)
+    if not one:
+        raise expected("trainer.lightning.devices", "1 or a list of one device index (sweep to use more)", devices)
 
 
 def build_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
@@ -125,8 +168,34 @@ def build_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
     make_optimizer = build(cfg.optimizer, "optimizer")
     try:
         return make_optimizer(params)
-    except (TypeError, ValueError) as error:  # torch's own argument checks
-        raise ConfigError("optimizer", str(error)) from None
+    except Exception as error:  # torch's own argument checks: ValueError, TypeError, IndexError (betas=[0.9])
+        raise ConfigError("optimizer", f"{type(error).__name__}: {str(error).splitlines()[0]}") from None
+
+
+def check_network_fits(q_network: nn.Module, space, num_actions: int) -> None:
+    """The network must map a batch of the env's observations to one value per action."""
+    example = torch.zeros((1, *space.shape), dtype=torch.from_numpy(np.zeros(0, space.dtype)).dtype)
+    try:
+        with torch.no_grad():
+            shape = tuple(q_network(example).shape)
+    except Exception as error:
+        raise ConfigError(
+            "network", f"cannot take the env's observations of shape {space.shape} ({space.dtype}): "
+            f"{str(error).splitlines()[0]}"
+        ) from None
+    if shape != (1, num_actions):
+        raise ConfigError("network", f"expected Q-values of shape (1, {num_actions}) for one observation, got {shape}")
+
+
+def check_buffer_fits(buffer, space) -> None:
+    """A buffer that cannot be allocated is refused now, not at its first add, mid-run."""
+    needed = buffer.planned_nbytes(space.shape, space.dtype)
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available:
+        raise ConfigError(
+            "buffer.capacity", f"expected a buffer that fits in memory: {buffer.capacity} transitions of "
+            f"{space.shape} {space.dtype} take {needed / 2**30:,.1f} GiB, this machine has {available / 2**30:,.1f} GiB",
+        )
 
 
 def solved_return(cfg: DictConfig, env) -> float | None:
@@ -160,13 +229,14 @@ def build_module(cfg: DictConfig) -> DQNModule:
     env = build_env(cfg, transforms)
     try:
         num_actions = require_discrete_actions(env)
+        space = require_array_observations(env)
     except ConfigError as error:
         raise error.within("env") from None
     train_env = wrap_for_training(env, transforms)
-    q_network = build(
-        cfg.network, "network", observation_shape=env.single_observation_space.shape, num_actions=num_actions
-    )
+    q_network = build(cfg.network, "network", observation_shape=space.shape, num_actions=num_actions)
+    check_network_fits(q_network, space, num_actions)
     buffer = build(cfg.buffer, "buffer")
+    check_buffer_fits(buffer, space)
     return DQNModule(
         q_network=q_network,
         loss_fn=build(cfg.loss, "loss"),
@@ -214,12 +284,53 @@ def build_callbacks(cfg: DictConfig, module: DQNModule, checkpoints: list[pl.Cal
     return callbacks
 
 
+def build_trainer(cfg: DictConfig, module: DQNModule, checkpoints: list[pl.Callback]) -> pl.Trainer:
+    """Lightning's Trainer, built before the MLflow run exists so that a bad argument opens no run."""
+    frames = cfg.collector.frames_per_iteration
+    iterations = math.ceil(cfg.trainer.max_env_steps / frames)
+    return build(
+        cfg.trainer.lightning,
+        "trainer.lightning",
+        logger=False,  # the MLflow logger joins once its run exists
+        callbacks=build_callbacks(cfg, module, checkpoints),
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=cfg.paths.output_dir,
+        val_check_interval=min(iterations, max(1, cfg.trainer.eval_interval_env_steps // frames)),
+        **FIXED_TRAINER_ARGS,
+    )
+
+
+def fit(trainer: pl.Trainer, module: DQNModule, cfg: DictConfig, resume_path: Path | None) -> None:
+    iterations = math.ceil(cfg.trainer.max_env_steps / cfg.collector.frames_per_iteration)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*", PossibleUserWarning)
+        # The dataloader only counts iterations; the checkpoint holds the data (buffer, envs).
+        warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*", PossibleUserWarning)
+        warnings.filterwarnings("ignore", ".*exists and is not empty.*")  # it holds the run's lock
+        trainer.fit(
+            module,
+            train_dataloaders=DataLoader(range(iterations), batch_size=None),
+            val_dataloaders=DataLoader(range(1), batch_size=None),
+            ckpt_path=resume_path,
+            weights_only=False,  # our own checkpoints: they hold the buffer and the envs' state
+        )
+
+
+def restore_trained(module: DQNModule, best: ModelCheckpoint, path: Path) -> None:
+    """The state in which training ended, from its last checkpoint: what an interrupted export needs."""
+    checkpoint = read_checkpoint(path)
+    module.load_state_dict(checkpoint["state_dict"])
+    module.load_training_state(checkpoint["training_state"])
+    best.load_state_dict(checkpoint["callbacks"][best.state_key])
+
+
 def export_best(module: DQNModule, checkpoint_path: str) -> nn.Module:
     """Log the best checkpoint's policy as the MLflow model, and return it.
 
-    When the run stops solved, the best checkpoint is the evaluation that stopped it.
+    When the run stops solved, the best checkpoint is the evaluation that stopped it. Every run
+    evaluates at least once (at its end), so there is always one.
     """
-    module.load_state_dict(torch.load(checkpoint_path, map_location=module.device, weights_only=True)["state_dict"])
+    module.load_state_dict(read_checkpoint(checkpoint_path, weights_only=True)["state_dict"])
     mlflow.log_artifact(checkpoint_path, "checkpoints")
     policy = module.policy.cpu().eval()
     tracking.log_policy(policy)
@@ -227,7 +338,10 @@ def export_best(module: DQNModule, checkpoint_path: str) -> nn.Module:
 
 
 def log_results(cfg: DictConfig, module: DQNModule, policy: nn.Module, solved: bool, started: float) -> float:
-    """The run's summary metrics, learning curve and episode GIF; returns the exported policy's eval return."""
+    """The run's summary metrics, learning curve and episode GIF; returns the exported policy's eval return.
+
+    A resumed export logs only the summary metrics that the run does not hold yet.
+    """
     run_id = mlflow.active_run().info.run_id
     output_dir = Path(cfg.paths.output_dir)
     eval_return = float(module.evaluator(policy).mean())
@@ -236,7 +350,8 @@ def log_results(cfg: DictConfig, module: DQNModule, policy: nn.Module, solved: b
     if solved:
         summary["final/solved_env_steps"] = env_steps
     summary["final/wall_seconds"] = time.perf_counter() - started
-    mlflow.log_metrics(summary, step=env_steps)
+    logged = mlflow.get_run(run_id).data.metrics
+    mlflow.log_metrics({key: value for key, value in summary.items() if key not in logged}, step=env_steps)
     tracking.log_learning_curve(run_id, output_dir)
     render_env = build_env(cfg, module.transforms, num_envs=1, vectorization_mode="sync", render_mode="rgb_array")
     gif = record_gif(policy, render_env, output_dir / "episode.gif", seed=cfg.trainer.eval_seed)
@@ -247,70 +362,61 @@ def log_results(cfg: DictConfig, module: DQNModule, policy: nn.Module, solved: b
 
 
 def train(cfg: DictConfig) -> float:
-    """Train one agent, or resume one; return the exported policy's eval return (the objective for sweepers)."""
+    """Train one agent, or resume one; return the exported policy's eval return (the objective for sweepers).
+
+    Every check comes before the MLflow run exists; inside it, SIGTERM ends the run KILLED and
+    resumable, and the run is FINISHED only once its policy, checkpoints and plots are stored.
+    """
     started = time.perf_counter()
     check_settings(cfg)
     uri = tracking.tracking_uri()
-    tracking.check_reachable(uri)
-    resume_path, resume_run_id = None, None
+    tracking.check_store(uri)
+    tracking.bound_server_wait(cfg.logger.server_timeout_s)
+    resume = None
     if cfg.resume is not None:
-        resume_path, resume_run_id = find_resume_checkpoint(
-            cfg.resume, tracking.params(cfg), cfg.logger.experiment_name, uri
-        )
+        resume = find_resume_checkpoint(cfg.resume, tracking.params(cfg), cfg.logger.experiment_name, uri)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(cfg)
-    frames = module.collector.frames_per_iteration
-    iterations = math.ceil(cfg.trainer.max_env_steps / frames)
-    output_dir = Path(cfg.paths.output_dir)
     # A resumed run keeps writing where it started, so Lightning restores its callbacks' state.
-    checkpoint_dir = resume_path.parent if resume_path else output_dir / "checkpoints"
+    checkpoint_dir = resume.path.parent if resume else Path(cfg.paths.output_dir) / "checkpoints"
     best = ModelCheckpoint(
         dirpath=checkpoint_dir, filename="best-{step}", monitor=STOP_METRIC, mode="max", save_weights_only=True
     )
+    last = ResumableCheckpoint(checkpoint_dir, cfg.trainer.checkpoint_interval_env_steps, tracking.params(cfg))
+    trainer = build_trainer(cfg, module, [best, last])
+    lock = RunLock(checkpoint_dir).acquire()  # one process per run: a second resume is refused
 
-    with tracking.mlflow_run(cfg, resume_run_id) as run:
-        if resume_path:
-            log.info("Resuming MLflow run %s from %s", run.info.run_id, resume_path)
+    with SigtermExits() as sigterm, tracking.mlflow_run(cfg, resume and resume.run_id) as run:
+        run_id = run.info.run_id
+        if resume:
+            log.info("Resuming MLflow run %s from %s", run_id, resume.path)
         else:
-            mlflow.set_tag(CHECKPOINT_TAG, str((checkpoint_dir / LAST).resolve()))
-        last = ResumableCheckpoint(
-            checkpoint_dir, cfg.trainer.checkpoint_interval_env_steps, run.info.run_id, tracking.params(cfg)
-        )
-        logger = instantiate(cfg.logger, tracking_uri=uri, run_id=run.info.run_id)
-        trainer: pl.Trainer = instantiate(
-            cfg.trainer.lightning,
-            logger=logger,
-            callbacks=build_callbacks(cfg, module, [best, last]),
-            plugins=[AtomicCheckpointIO()],
-            default_root_dir=output_dir,
-            max_epochs=1,
-            val_check_interval=min(iterations, max(1, cfg.trainer.eval_interval_env_steps // frames)),
-            num_sanity_val_steps=0,
-        )
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", ".*does not have many workers.*", PossibleUserWarning)
-            # The dataloader only counts iterations; the checkpoint holds the data (buffer, envs).
-            warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*", PossibleUserWarning)
+            mlflow.set_tag(CHECKPOINT_TAG, str(last.path.resolve()))
+        last.mlflow_run_id = run_id
+        trainer.logger = instantiate(cfg.logger, tracking_uri=uri, run_id=run_id)
+        if resume and resume.training_done:
+            restore_trained(module, best, resume.path)
+        else:
             try:
-                trainer.fit(
-                    module,
-                    train_dataloaders=DataLoader(range(iterations), batch_size=None),
-                    val_dataloaders=DataLoader(range(1), batch_size=None),
-                    ckpt_path=resume_path,
-                    weights_only=False,  # our own checkpoints: they hold the buffer and the envs' state
-                )
+                with sigterm.lightning_fit():
+                    fit(trainer, module, cfg, resume and resume.path)
             except TrainingDiverged as error:
                 kept = last.path if last.path.exists() else "none (diverged before the first)"
                 raise TrainingDiverged(f"{error}; last good checkpoint: {kept}") from None
+            except tracking.TrackingLost as error:
+                raise tracking.TrackingLost(
+                    f"{error}; checkpoint {last.path} kept: once it answers, go on with resume={run_id}"
+                ) from None
+        log.info("Exporting to MLflow run %s: checkpoints, policy, plots", run_id)
         mlflow.log_artifact(str(last.path), "checkpoints")
-
         policy = export_best(module, best.best_model_path)
         threshold = module.evaluator.solved_return
         solved = threshold is not None and best.best_model_score >= threshold
         score = log_results(cfg, module, policy, solved, started)
+    lock.release()
 
     print(
-        f"MLflow run {run.info.run_id}: eval return {score:.1f}, "
+        f"MLflow run {run_id}: eval return {score:.1f}, "
         f"{module.collector.env_steps} env steps, {time.perf_counter() - started:.1f} s wall, "
         f"store {uri}"
     )

@@ -1,6 +1,11 @@
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -30,13 +35,73 @@ def tracking_uri(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
-def run_cli(*args: str, cwd: Path, tracking_uri: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def cli_env(tracking_uri: str) -> dict[str, str]:
+    return {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
+
+
+def run_cli(
+    *args: str, cwd: Path, tracking_uri: str, timeout: float = 600, run_dir: Path | None = None
+) -> subprocess.CompletedProcess:
     """`python -m rl_pipeline ARGS` in a subprocess, its MLflow store at `tracking_uri`."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "rl_pipeline", *args, f"hydra.run.dir={cwd / 'run'}"],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "rl_pipeline", *args, f"hydra.run.dir={run_dir or cwd / 'run'}"],
+        cwd=cwd, env=cli_env(tracking_uri), capture_output=True, text=True, timeout=timeout,
     )
+
+
+def start_cli(*args: str, cwd: Path, tracking_uri: str, run_dir: Path) -> subprocess.Popen:
+    """`python -m rl_pipeline ARGS` started in the background; its stdout and stderr merged, line by line."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "rl_pipeline", *args, f"hydra.run.dir={run_dir}"],
+        cwd=cwd, env=cli_env(tracking_uri), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def read_until(process: subprocess.Popen, text: str) -> list[str]:
+    """The lines `process` printed up to the first that holds `text`; fails if it ended first."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"{text!r} never printed:\n{''.join(lines[-30:])}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def mlflow_server_process(store: Path, port: int):
+    """A real `mlflow server` on 127.0.0.1:port over an SQLite store and an artifact folder beside it."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{store}", "--artifacts-destination", str(store.parent / "server-artifacts")],
+        cwd=store.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        yield base
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 with a temp SQLite store and artifact folder."""
+    with mlflow_server_process(tmp_path / "server.db", free_port()) as base:
+        yield base
 
 
 def all_runs(tracking_uri: str) -> list:

@@ -2,11 +2,8 @@
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -19,7 +16,7 @@ SWEEP = ("+experiment=dqn", "seed=0,1", "optimizer.lr=0.001,0.0003", *TINY_RUN)
 COMPARISON = {"comparison/comparison.csv", "comparison/comparison.md", "comparison/comparison.png"}
 
 
-def run_sweep(*args: str, cwd: Path, tracking_uri: str | None = None) -> subprocess.CompletedProcess:
+def run_sweep(*args: str, cwd: Path, tracking_uri: str | None = None, returncode: int = 0) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     if tracking_uri:
@@ -27,7 +24,7 @@ def run_sweep(*args: str, cwd: Path, tracking_uri: str | None = None) -> subproc
     result = subprocess.run(
         [sys.executable, "-m", "rl_pipeline", "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == returncode, result.stderr[-3000:]
     return result
 
 
@@ -39,43 +36,11 @@ def parent_and_children(runs):
     return parent, children
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rest(base: str, path: str, body: dict | None = None) -> dict:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.load(response)
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on 127.0.0.1 with a temp SQLite store and artifact folder."""
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts")],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(base + "/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-                time.sleep(0.5)
-        yield base
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 def test_sweep_against_a_tracking_server_nests_four_children_under_one_parent(tmp_path, mlflow_server):
@@ -146,15 +111,39 @@ def test_compare_cli_rebuilds_the_report_for_a_sweep_and_for_an_experiment(tmp_p
         assert all(child.info.run_name in "\n".join(table) for child in children)
 
 
-def test_a_failing_job_leaves_no_run_running(tmp_path, tracking_uri):
-    # The second job's env cannot be built: Hydra stops the sweep and skips its end-of-sweep callback.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
-    result = subprocess.run(
-        [sys.executable, "-m", "rl_pipeline", "-m", "+experiment=dqn", "env.id=CartPole-v1,NoSuchEnv-v0", *TINY_RUN],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode != 0 and "env.id" in result.stderr
-    runs = all_runs(tracking_uri)
-    assert {run.info.status for run in runs} == {"FINISHED", "FAILED"}
-    parent, children = parent_and_children(runs)
-    assert parent.info.status == "FAILED" and [c.info.status for c in children] == ["FINISHED"]
+def test_failing_jobs_are_failed_children_with_their_reason_and_the_others_run_and_are_compared(tmp_path, tracking_uri):
+    # Job order: config error, divergence, config error, then the one job that can finish.
+    result = run_sweep("+experiment=dqn", "loss.loss=mse", "optimizer.lr=1e30,0.001", "env.id=NoSuchEnv-v0,CartPole-v1",
+                       *TINY_RUN, cwd=tmp_path, tracking_uri=tracking_uri, returncode=1)
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("Config error: env.id: expected a registered gymnasium env id") == 2 + 2  # said, summed up
+    parent, children = parent_and_children(all_runs(tracking_uri))
+    by_name = {child.info.run_name: child for child in children}
+    assert sorted(by_name) == ["lr=0.001,id=CartPole-v1", "lr=0.001,id=NoSuchEnv-v0", "lr=1e+30,id=CartPole-v1",
+                               "lr=1e+30,id=NoSuchEnv-v0"]
+    assert by_name["lr=0.001,id=CartPole-v1"].info.status == "FINISHED"
+    diverged = by_name["lr=1e+30,id=CartPole-v1"]
+    assert diverged.info.status == "FAILED" and diverged.data.tags["error"].startswith("TrainingDiverged: loss is")
+    for name in ("lr=0.001,id=NoSuchEnv-v0", "lr=1e+30,id=NoSuchEnv-v0"):
+        assert by_name[name].info.status == "FAILED" and "env.id: expected a registered" in by_name[name].data.tags["error"]
+    assert parent.info.status == "FAILED"  # not every job finished
+    client = mlflow.MlflowClient(tracking_uri)
+    assert COMPARISON <= {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
+    table = client.download_artifacts(parent.info.run_id, "comparison/comparison.md", str(tmp_path))
+    assert "lr=0.001,id=CartPole-v1" in Path(table).read_text() and "NoSuchEnv" not in Path(table).read_text()
+    assert parent.data.tags["best_run_id"] == by_name["lr=0.001,id=CartPole-v1"].info.run_id
+    assert result.stderr.strip().splitlines()[-4].startswith(f"Sweep {parent.info.run_id}: 3 of 4 jobs failed:")
+
+
+def test_a_diverging_job_under_joblib_leaves_its_sibling_training_to_the_end(tmp_path, tracking_uri):
+    result = run_sweep("hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "+experiment=dqn", "loss.loss=mse",
+                       "optimizer.lr=1e30,0.001", *TINY_RUN, "trainer.max_env_steps=2048",
+                       cwd=tmp_path, tracking_uri=tracking_uri, returncode=1)
+    assert "Traceback" not in result.stderr
+    parent, children = parent_and_children(all_runs(tracking_uri))
+    statuses = {child.info.run_name: child.info.status for child in children}
+    assert statuses == {"lr=1e+30": "FAILED", "lr=0.001": "FINISHED"}
+    (sibling,) = [child for child in children if child.info.status == "FINISHED"]
+    steps = [m.step for m in mlflow.MlflowClient(tracking_uri).get_metric_history(sibling.info.run_id, "train/epsilon")]
+    assert steps == list(range(256, 2049, 256))
+    assert parent.data.tags["best_run_id"] == sibling.info.run_id

@@ -1,3 +1,6 @@
+import os
+import signal
+import time
 from contextlib import nullcontext
 
 import mlflow
@@ -5,6 +8,7 @@ import pytest
 
 from conftest import all_runs, compose_config
 from rl_pipeline import tracking
+from rl_pipeline.checkpoints import SigtermExits
 
 
 @pytest.fixture
@@ -41,3 +45,33 @@ def test_run_ends_with_the_status_of_how_its_block_ended(store, error, status):
     assert run.info.status == status
     assert mlflow.active_run() is None
 
+
+
+def test_sigterm_from_the_run_start_on_ends_the_run_killed(store):
+    cfg = compose_config("+experiment=dqn", "paths.output_dir=unused")
+    with pytest.raises(SystemExit) as exited:
+        with SigtermExits(), tracking.mlflow_run(cfg):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # never reached: the handler raises at once
+    assert exited.value.code == 128 + signal.SIGTERM
+    (run,) = all_runs(store)
+    assert run.info.status == "KILLED"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the previous handler is back
+
+
+def test_sigterm_during_lightning_fit_waits_for_fit_to_return():
+    returned = False
+    with pytest.raises(SystemExit), SigtermExits() as sigterm:
+        with sigterm.lightning_fit():
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's own handler would stop at the next batch
+            returned = True
+    assert returned
+
+
+def test_a_failed_run_keeps_the_error_line_as_a_tag(store):
+    cfg = compose_config("+experiment=dqn", "paths.output_dir=unused")
+    with pytest.raises(RuntimeError):
+        with tracking.mlflow_run(cfg):
+            raise RuntimeError("boom\nsecond line")
+    (run,) = all_runs(store)
+    assert run.info.status == "FAILED" and run.data.tags["error"] == "RuntimeError: boom"

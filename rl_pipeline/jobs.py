@@ -1,0 +1,96 @@
+"""How a Hydra job ends when it cannot finish: one line and an exit code, or in a sweep a FAILED child.
+
+A single run exits non-zero. A sweep's job must not exit (Hydra's basic launcher would stop the
+whole sweep there, and joblib would kill the jobs beside it): it records its failure as a FAILED
+child run and returns NaN, the other jobs go on, and the sweep ends non-zero once they have.
+"""
+
+import errno
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from mlflow.exceptions import MlflowException
+from omegaconf import DictConfig
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from rl_pipeline import tracking
+from rl_pipeline.checkpoints import CorruptCheckpoint
+from rl_pipeline.module import TrainingDiverged
+from rl_pipeline.validation import ConfigError
+
+# (error class, the line's prefix, exit code)
+FAILURES = (
+    (ConfigError, "Config error", 2),
+    (TrainingDiverged, "Training diverged", 3),
+    (CorruptCheckpoint, "Corrupt checkpoint", 6),
+)
+SERVER_LOST_EXIT, DISK_FULL_EXIT = 4, 5
+
+
+def is_disk_full(error: BaseException) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(error, MlflowException) and "database or disk is full" in str(error)
+
+
+def report(error: Exception) -> tuple[str, int] | None:
+    """The one line and exit code for an expected failure; None for a bug, which keeps its traceback."""
+    for kind, prefix, code in FAILURES:
+        if isinstance(error, kind):
+            return f"{prefix}: {error}", code
+    if tracking.server_lost(error):
+        return f"Tracking server lost: {str(error).splitlines()[0]}", SERVER_LOST_EXIT
+    if is_disk_full(error):
+        return f"Disk full: {error}; free space and resume the run with resume=", DISK_FULL_EXIT
+    return None
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def run(task: Callable[[DictConfig], float], cfg: DictConfig) -> float:
+    """`task(cfg)`, with each way it can fail answered as the module docstring says."""
+    try:
+        return task(cfg)
+    except SIGTERMException:  # Lightning stops at the next batch; the MLflow run is already KILLED
+        sys.exit(128 + signal.SIGTERM)
+    except Exception as error:
+        reported = report(error)
+        if reported is None and not in_multirun():
+            raise
+        line, code = reported or (traceback.format_exc() + f"Job failed: {error}", 1)
+        print(line, file=sys.stderr)
+        if not in_multirun():
+            sys.exit(code)
+        if isinstance(error, ConfigError):  # stopped before its run existed
+            tracking.record_failed_job(cfg, line)
+        return float("nan")
+
+
+class CheckOutputDir(Callback):
+    """Hydra's run or sweep folder must be writable: said in one line before Hydra tries to write there."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        check_writable("hydra.run.dir", config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        check_writable("hydra.sweep.dir", config.hydra.sweep.dir)
+
+
+def check_writable(key: str, directory: str) -> None:
+    path = Path(directory)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        print(f"Config error: {key}: expected a writable folder, got {directory} ({error.strerror})", file=sys.stderr)
+        sys.exit(2)

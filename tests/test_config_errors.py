@@ -1,0 +1,87 @@
+"""Mistakes that can be known before training are one ConfigError naming the key, before any MLflow run exists.
+
+In-process through `train(cfg)` with configs that Hydra composes; test_cli.py checks, in subprocesses,
+that such an error reaches the user as one line and a non-zero exit.
+"""
+
+import gymnasium as gym
+import pytest
+from torch import nn
+
+from conftest import all_runs, compose_config
+from rl_pipeline.train import check_network_fits, train
+from rl_pipeline.validation import ConfigError
+
+TINY = ("+experiment=dqn", "trainer.max_env_steps=1024", "collector.learning_starts=256")
+
+CASES = [
+    # (overrides, the start of the error's text)
+    (("env.id=FrozenLake-v1",), "env.id: expected an env with Box (array) observations"),  # Discrete observations
+    (("env.id=Blackjack-v1",), "env.id: expected an env with Box (array) observations"),  # Tuple observations
+    (("network=nature_cnn",), "network.observation_shape: expected image observations"),  # pixels net, vectors
+    (("buffer.capacity=1000000000000",), "buffer.capacity: expected a buffer that fits in memory"),
+    (("trainer.lightning.devices=2",), "trainer.lightning.devices: expected 1 or a list of one device"),
+    (("trainer.lightning.devices=auto",), "trainer.lightning.devices: expected 1 or a list of one device"),
+    (("+trainer.lightning.num_nodes=2",), "trainer.lightning.num_nodes: set by the pipeline itself"),
+    (("+trainer.lightning.limit_val_batches=0",), "trainer.lightning.limit_val_batches: set by the pipeline itself"),
+    (("+trainer.lightning.max_time=00:00:00:01",), "trainer.lightning.max_time: set by the pipeline itself"),
+    (("trainer.lightning.accelerator=tpu",), "trainer.lightning:"),  # Lightning's own check, keyed
+    (("+trainer.lightning.precision=99",), "trainer.lightning:"),
+    (("trainer.max_env_steps=200",), "trainer.max_env_steps: expected at least collector.learning_starts (256)"),
+    (("logger.experiment_name=''",), "logger.experiment_name: expected a name of 1 to 500 characters"),
+    ((f"logger.experiment_name={'x' * 501}",), "logger.experiment_name: expected a name of 1 to 500 characters"),
+    (("logger.server_timeout_s=0",), "logger.server_timeout_s: expected a positive number"),
+    (("seed=4294967296",), "seed: expected an integer in [0, 4294967295]"),
+    (("seed=-1",), "seed: expected an integer >= 0"),
+    (("+optimizer.betas=[0.9]",), "optimizer: ConfigIndexError: list index out of range"),  # two, given one
+    (("+optimizer.weight_decay=-1",), "optimizer: ValueError: Invalid weight_decay value: -1"),
+]
+
+
+@pytest.fixture
+def store(tracking_uri, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    return tracking_uri
+
+
+@pytest.mark.parametrize(("overrides", "said"), CASES, ids=[" ".join(o)[:60] for o, _ in CASES])
+def test_a_config_mistake_is_one_error_naming_the_key_before_any_run(store, tmp_path, overrides, said):
+    cfg = compose_config(*TINY, *overrides, f"paths.output_dir={tmp_path / 'run'}")
+    with pytest.raises(ConfigError) as raised:
+        train(cfg)
+    assert str(raised.value).startswith(said)
+    assert "\n" not in str(raised.value)
+    assert not all_runs(store)
+    assert not (tmp_path / "run").exists()  # nothing written: no checkpoint folder, no lock
+
+
+@pytest.mark.parametrize(
+    ("uri", "said"),
+    [
+        ("ftp://127.0.0.1/mlflow", "MLFLOW_TRACKING_URI: expected an http(s):// MLflow server or a database URI"),
+        ("./mlruns", "MLFLOW_TRACKING_URI: expected an http(s):// MLflow server or a database URI"),
+        ("sqlite:///{tmp_path}/notes.txt", "MLFLOW_TRACKING_URI: expected an SQLite database file, got"),
+        ("sqlite:///{tmp_path}", "MLFLOW_TRACKING_URI: expected an SQLite database file, got"),
+        ("http://127.0.0.1:9", "MLFLOW_TRACKING_URI: expected a reachable MLflow server"),  # nothing listens on 9
+    ],
+    ids=["unknown-scheme", "a-bare-path", "a-text-file", "a-folder", "no-server"],
+)
+def test_a_tracking_uri_that_is_no_store_is_refused_and_a_file_it_names_is_left_alone(tmp_path, monkeypatch, uri, said):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes, not a database\n")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri.format(tmp_path=tmp_path))
+    cfg = compose_config(*TINY, f"paths.output_dir={tmp_path / 'run'}")
+    with pytest.raises(ConfigError) as raised:
+        train(cfg)
+    assert str(raised.value).startswith(said)
+    assert notes.read_text() == "my notes, not a database\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_network_that_cannot_take_the_observations_is_named():
+    space = gym.spaces.Box(-1, 1, shape=(4,))
+    check_network_fits(nn.Linear(4, 2), space, num_actions=2)
+    with pytest.raises(ConfigError, match=r"^network: cannot take the env's observations of shape \(4,\) \(float32\)"):
+        check_network_fits(nn.Linear(3, 2), space, num_actions=2)
+    with pytest.raises(ConfigError, match=r"^network: expected Q-values of shape \(1, 2\) for one observation, got \(1, 5\)"):
+        check_network_fits(nn.Linear(4, 5), space, num_actions=2)
