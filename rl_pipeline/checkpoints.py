@@ -162,6 +162,12 @@ class RunLock:
             self.file.close()
             self.file = None
 
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
 
 class ResumableCheckpoint(pl.Callback):
     """Keeps `dirpath/last.ckpt` current: every `interval_env_steps`, on an interrupt, and when training ends.

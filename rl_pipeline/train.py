@@ -151,7 +151,7 @@ def check_logger(logger: DictConfig) -> None:
         raise expected("logger.experiment_name", f"a name of 1 to {MAX_EXPERIMENT_NAME} characters", name)
     if logger.run_name is not None and not isinstance(logger.run_name, str):
         raise expected("logger.run_name", "a string, or null to name the run by its overrides", logger.run_name)
-    positive_number("logger.server_timeout_s", logger.get("server_timeout_s", 20))
+    positive_number("logger.server_timeout_s", logger.server_timeout_s)
 
 
 def check_devices(lightning: DictConfig) -> None:
@@ -174,7 +174,7 @@ def build_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
 
 def check_network_fits(q_network: nn.Module, space, num_actions: int) -> None:
     """The network must map a batch of the env's observations to one value per action."""
-    example = torch.zeros((1, *space.shape), dtype=torch.from_numpy(np.zeros(0, space.dtype)).dtype)
+    example = torch.as_tensor(np.zeros((1, *space.shape), dtype=space.dtype))
     try:
         with torch.no_grad():
             shape = tuple(q_network(example).shape)
@@ -284,10 +284,14 @@ def build_callbacks(cfg: DictConfig, module: DQNModule, checkpoints: list[pl.Cal
     return callbacks
 
 
+def num_iterations(cfg: DictConfig) -> int:
+    """Training steps (collect, then update) that spend the env-step budget."""
+    return math.ceil(cfg.trainer.max_env_steps / cfg.collector.frames_per_iteration)
+
+
 def build_trainer(cfg: DictConfig, module: DQNModule, checkpoints: list[pl.Callback]) -> pl.Trainer:
     """Lightning's Trainer, built before the MLflow run exists so that a bad argument opens no run."""
-    frames = cfg.collector.frames_per_iteration
-    iterations = math.ceil(cfg.trainer.max_env_steps / frames)
+    frames, iterations = cfg.collector.frames_per_iteration, num_iterations(cfg)
     return build(
         cfg.trainer.lightning,
         "trainer.lightning",
@@ -301,7 +305,6 @@ def build_trainer(cfg: DictConfig, module: DQNModule, checkpoints: list[pl.Callb
 
 
 def fit(trainer: pl.Trainer, module: DQNModule, cfg: DictConfig, resume_path: Path | None) -> None:
-    iterations = math.ceil(cfg.trainer.max_env_steps / cfg.collector.frames_per_iteration)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*", PossibleUserWarning)
         # The dataloader only counts iterations; the checkpoint holds the data (buffer, envs).
@@ -309,7 +312,7 @@ def fit(trainer: pl.Trainer, module: DQNModule, cfg: DictConfig, resume_path: Pa
         warnings.filterwarnings("ignore", ".*exists and is not empty.*")  # it holds the run's lock
         trainer.fit(
             module,
-            train_dataloaders=DataLoader(range(iterations), batch_size=None),
+            train_dataloaders=DataLoader(range(num_iterations(cfg)), batch_size=None),
             val_dataloaders=DataLoader(range(1), batch_size=None),
             ckpt_path=resume_path,
             weights_only=False,  # our own checkpoints: they hold the buffer and the envs' state
@@ -384,9 +387,9 @@ def train(cfg: DictConfig) -> float:
     )
     last = ResumableCheckpoint(checkpoint_dir, cfg.trainer.checkpoint_interval_env_steps, tracking.params(cfg))
     trainer = build_trainer(cfg, module, [best, last])
-    lock = RunLock(checkpoint_dir).acquire()  # one process per run: a second resume is refused
 
-    with SigtermExits() as sigterm, tracking.mlflow_run(cfg, resume and resume.run_id) as run:
+    # One process per run (a second resume is refused); from the run's creation on, SIGTERM ends it KILLED.
+    with RunLock(checkpoint_dir), SigtermExits() as sigterm, tracking.mlflow_run(cfg, resume and resume.run_id) as run:
         run_id = run.info.run_id
         if resume:
             log.info("Resuming MLflow run %s from %s", run_id, resume.path)
@@ -413,7 +416,6 @@ def train(cfg: DictConfig) -> float:
         threshold = module.evaluator.solved_return
         solved = threshold is not None and best.best_model_score >= threshold
         score = log_results(cfg, module, policy, solved, started)
-    lock.release()
 
     print(
         f"MLflow run {run_id}: eval return {score:.1f}, "
