@@ -132,11 +132,13 @@ class RunLock:
     """An exclusive lock on a run's checkpoint folder, held while a process trains the run.
 
     The kernel drops it when the process ends, however it ends, so a killed run can be resumed
-    at once while a live one (or a resume in progress) cannot be resumed a second time.
+    at once while a live one (or a resume in progress) cannot be resumed a second time, and two
+    new runs never write into one folder. `key` is the setting that chose the folder.
     """
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, key: str = "resume"):
         self.path = Path(directory) / LOCK
+        self.key = key
         self.file = None
 
     def acquire(self) -> "RunLock":
@@ -149,8 +151,8 @@ class RunLock:
             holder = self.file.read().strip() or "unknown"
             self.file.close()
             raise ConfigError(
-                "resume", f"the run in {self.path.parent} is being trained by another process (pid {holder}); "
-                "resume it once that process has stopped"
+                self.key, f"the run in {self.path.parent} is being trained by another process (pid {holder}); "
+                + ("resume it once that process has stopped" if self.key == "resume" else "give this run its own folder")
             ) from None
         self.file.truncate(0)
         self.file.write(str(os.getpid()))

@@ -31,6 +31,7 @@ FAILURES = (
     (CorruptCheckpoint, "Corrupt checkpoint", 6),
 )
 SERVER_LOST_EXIT, DISK_FULL_EXIT = 4, 5
+PROBE_BYTES = 64 * 1024
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -89,8 +90,10 @@ def check_writable(key: str, directory: str) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        try:
+            probe.write_bytes(bytes(PROBE_BYTES))  # more than Hydra's own files: a full disk shows here
+        finally:
+            probe.unlink(missing_ok=True)
     except OSError as error:
         print(f"Config error: {key}: expected a writable folder, got {directory} ({error.strerror})", file=sys.stderr)
         sys.exit(2)

@@ -231,13 +231,26 @@ def mlflow_run(cfg: DictConfig, resume_run_id: str | None = None) -> Iterator[ml
     mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
 
 
+@contextmanager
+def resumable_on_server_loss(uri: str, checkpoint: Path, run_id: str) -> Iterator[None]:
+    """A server lost inside the block is a TrackingLost that says how to go on once it is back."""
+    try:
+        yield
+    except Exception as error:
+        if not server_lost(error):
+            raise
+        raise TrackingLost(
+            f"{uri} stopped answering; checkpoint {checkpoint} kept: once it answers, go on with resume={run_id}"
+        ) from None
+
+
 class MLFlowLogger(pytorch_lightning.loggers.MLFlowLogger):
     """Lightning's MLflow logger, never logging a metric at a step its run already holds.
 
     A resumed run replays the iterations between its last checkpoint and the kill: the run logged
     those already, and the replay must not log them twice. It leaves the run's status to
-    `mlflow_run` (Lightning's would mark it FINISHED before the policy is exported), and turns a
-    server lost for longer than `server_timeout_s` into TrackingLost.
+    `mlflow_run` (Lightning's would mark it FINISHED before the policy is exported). A tracking
+    server that stays silent for `server_timeout_s` fails its call (see `bound_server_wait`).
     """
 
     def __init__(
@@ -262,14 +275,8 @@ class MLFlowLogger(pytorch_lightning.loggers.MLFlowLogger):
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         if step is not None:
             metrics = {key: value for key, value in metrics.items() if step > self.logged_until.get(key, -1)}
-        if not metrics:
-            return
-        try:
+        if metrics:
             super().log_metrics(metrics, step)
-        except MlflowException as error:
-            if not server_lost(error):
-                raise
-            raise TrackingLost(f"{self._tracking_uri} stopped answering") from None
 
     def finalize(self, status: str = "success") -> None:
         """The status is `mlflow_run`'s to set, once the export is done."""

@@ -304,19 +304,23 @@ def build_trainer(cfg: DictConfig, module: DQNModule, checkpoints: list[pl.Callb
     )
 
 
-def fit(trainer: pl.Trainer, module: DQNModule, cfg: DictConfig, resume_path: Path | None) -> None:
+def fit(trainer: pl.Trainer, module: DQNModule, cfg: DictConfig, resume_path: Path | None, last: Path) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*", PossibleUserWarning)
         # The dataloader only counts iterations; the checkpoint holds the data (buffer, envs).
         warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*", PossibleUserWarning)
         warnings.filterwarnings("ignore", ".*exists and is not empty.*")  # it holds the run's lock
-        trainer.fit(
-            module,
-            train_dataloaders=DataLoader(range(num_iterations(cfg)), batch_size=None),
-            val_dataloaders=DataLoader(range(1), batch_size=None),
-            ckpt_path=resume_path,
-            weights_only=False,  # our own checkpoints: they hold the buffer and the envs' state
-        )
+        try:
+            trainer.fit(
+                module,
+                train_dataloaders=DataLoader(range(num_iterations(cfg)), batch_size=None),
+                val_dataloaders=DataLoader(range(1), batch_size=None),
+                ckpt_path=resume_path,
+                weights_only=False,  # our own checkpoints: they hold the buffer and the envs' state
+            )
+        except TrainingDiverged as error:
+            kept = last if last.exists() else "none (diverged before the first)"
+            raise TrainingDiverged(f"{error}; last good checkpoint: {kept}") from None
 
 
 def restore_trained(module: DQNModule, best: ModelCheckpoint, path: Path) -> None:
@@ -338,6 +342,16 @@ def export_best(module: DQNModule, checkpoint_path: str) -> nn.Module:
     policy = module.policy.cpu().eval()
     tracking.log_policy(policy)
     return policy
+
+
+def export(cfg: DictConfig, module: DQNModule, best: ModelCheckpoint, last: Path, started: float) -> float:
+    """Everything a run promises once trained: checkpoints, the best policy, summary metrics, plots."""
+    log.info("Exporting to MLflow run %s: checkpoints, policy, plots", mlflow.active_run().info.run_id)
+    mlflow.log_artifact(str(last), "checkpoints")
+    policy = export_best(module, best.best_model_path)
+    threshold = module.evaluator.solved_return
+    solved = threshold is not None and best.best_model_score >= threshold
+    return log_results(cfg, module, policy, solved, started)
 
 
 def log_results(cfg: DictConfig, module: DQNModule, policy: nn.Module, solved: bool, started: float) -> float:
@@ -389,7 +403,8 @@ def train(cfg: DictConfig) -> float:
     trainer = build_trainer(cfg, module, [best, last])
 
     # One process per run (a second resume is refused); from the run's creation on, SIGTERM ends it KILLED.
-    with RunLock(checkpoint_dir), SigtermExits() as sigterm, tracking.mlflow_run(cfg, resume and resume.run_id) as run:
+    lock = RunLock(checkpoint_dir, key="resume" if resume else "hydra.run.dir")
+    with lock, SigtermExits() as sigterm, tracking.mlflow_run(cfg, resume and resume.run_id) as run:
         run_id = run.info.run_id
         if resume:
             log.info("Resuming MLflow run %s from %s", run_id, resume.path)
@@ -397,25 +412,13 @@ def train(cfg: DictConfig) -> float:
             mlflow.set_tag(CHECKPOINT_TAG, str(last.path.resolve()))
         last.mlflow_run_id = run_id
         trainer.logger = instantiate(cfg.logger, tracking_uri=uri, run_id=run_id)
-        if resume and resume.training_done:
-            restore_trained(module, best, resume.path)
-        else:
-            try:
+        with tracking.resumable_on_server_loss(uri, last.path, run_id):
+            if resume and resume.training_done:
+                restore_trained(module, best, resume.path)
+            else:
                 with sigterm.lightning_fit():
-                    fit(trainer, module, cfg, resume and resume.path)
-            except TrainingDiverged as error:
-                kept = last.path if last.path.exists() else "none (diverged before the first)"
-                raise TrainingDiverged(f"{error}; last good checkpoint: {kept}") from None
-            except tracking.TrackingLost as error:
-                raise tracking.TrackingLost(
-                    f"{error}; checkpoint {last.path} kept: once it answers, go on with resume={run_id}"
-                ) from None
-        log.info("Exporting to MLflow run %s: checkpoints, policy, plots", run_id)
-        mlflow.log_artifact(str(last.path), "checkpoints")
-        policy = export_best(module, best.best_model_path)
-        threshold = module.evaluator.solved_return
-        solved = threshold is not None and best.best_model_score >= threshold
-        score = log_results(cfg, module, policy, solved, started)
+                    fit(trainer, module, cfg, resume and resume.path, last.path)
+            score = export(cfg, module, best, last.path, started)
 
     print(
         f"MLflow run {run_id}: eval return {score:.1f}, "
