@@ -172,7 +172,7 @@ class RunLock:
 
 
 class ResumableCheckpoint(pl.Callback):
-    """Keeps `dirpath/last.ckpt` current: every `interval_env_steps`, on an interrupt, and when training ends.
+    """Keeps `dirpath/last.ckpt` current: at the start, every `interval_env_steps`, on an interrupt, and at the end.
 
     Not on a diverged loss: the checkpoint from before it stays, the last good state.
     Nor on a lost tracking server: a resume from the one before replays the iterations it did not log.
@@ -188,7 +188,9 @@ class ResumableCheckpoint(pl.Callback):
         self.saved_at_env_steps = 0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
-        if pl_module.collector.env_steps - self.saved_at_env_steps >= self.interval_env_steps:
+        # The first one before the first iteration: a run killed at any moment after it can be resumed.
+        due = pl_module.collector.env_steps - self.saved_at_env_steps >= self.interval_env_steps
+        if due or not self.path.exists():
             self.save(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

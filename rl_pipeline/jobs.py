@@ -30,7 +30,9 @@ FAILURES = (
     (TrainingDiverged, "Training diverged", 3),
     (CorruptCheckpoint, "Corrupt checkpoint", 6),
 )
-SERVER_LOST_EXIT, DISK_FULL_EXIT = 4, 5
+SERVER_LOST_EXIT, DISK_FULL_EXIT, STORE_DAMAGED_EXIT = 4, 5, 7
+# What SQLite says of a store file whose pages are damaged.
+DAMAGED_STORE_SIGNS = ("database disk image is malformed", "file is not a database")
 PROBE_BYTES = 64 * 1024
 
 
@@ -38,6 +40,10 @@ def is_disk_full(error: BaseException) -> bool:
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     return isinstance(error, MlflowException) and "database or disk is full" in str(error)
+
+
+def store_damaged(error: BaseException) -> bool:
+    return any(sign in str(error) for sign in DAMAGED_STORE_SIGNS)
 
 
 def report(error: Exception) -> tuple[str, int] | None:
@@ -49,6 +55,10 @@ def report(error: Exception) -> tuple[str, int] | None:
         return f"Tracking server lost: {str(error).splitlines()[0]}", SERVER_LOST_EXIT
     if is_disk_full(error):
         return f"Disk full: {error}; free space and resume the run with resume=", DISK_FULL_EXIT
+    if store_damaged(error):
+        uri = tracking.tracking_uri()
+        return (f"Store damaged: {uri} cannot be read (SQLite: {', '.join(DAMAGED_STORE_SIGNS)}); "
+                "restore it from a backup or point MLFLOW_TRACKING_URI at another store"), STORE_DAMAGED_EXIT
     return None
 
 

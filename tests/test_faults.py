@@ -54,6 +54,22 @@ def killed_run(tmp_path, tracking_uri):
     return run.info.run_id, tmp_path / "run" / "checkpoints" / LAST
 
 
+def test_a_run_killed_just_after_it_started_resumes_with_every_step_logged_once(tmp_path, tracking_uri):
+    process = start_cli(*KILLABLE, cwd=tmp_path, tracking_uri=tracking_uri, run_dir=tmp_path / "run")
+    try:
+        read_until(process, "last.ckpt at 0 env steps")  # written before the first iteration
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    resumed = run_cli(*KILLABLE, "resume=last", cwd=tmp_path, tracking_uri=tracking_uri, run_dir=tmp_path / "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (run,) = all_runs(tracking_uri)
+    assert run.info.status == "FINISHED"
+    assert_each_step_once(tracking_uri, run.info.run_id)
+    assert_model_loads(tracking_uri, run.info.run_id)
+
+
 def test_sigterm_while_exporting_ends_killed_and_resume_finishes_the_export(tmp_path, tracking_uri):
     process = start_cli("+experiment=dqn", *TINY_RUN, cwd=tmp_path, tracking_uri=tracking_uri, run_dir=tmp_path / "run")
     try:
@@ -195,3 +211,16 @@ def test_a_full_disk_is_said_in_one_line_and_the_run_ends_failed(tmp_path, track
     assert last_line(result).startswith("Disk full: ") and "No space left on device" in last_line(result)
     (run,) = all_runs(tracking_uri)
     assert run.info.status == "FAILED" and "No space left" in run.data.tags["error"]
+
+
+def test_a_damaged_sqlite_store_is_one_line_and_left_as_it_is(tmp_path, tracking_uri):
+    mlflow.MlflowClient(tracking_uri).create_experiment("rl_pipeline")  # a real store, tables and all
+    store = tmp_path / "mlflow.db"
+    data = bytearray(store.read_bytes())
+    for page in range(4096, len(data), 8192):  # every other page after the first, zeroed
+        data[page:page + 4096] = bytes(4096)
+    store.write_bytes(bytes(data))
+    result = run_cli("+experiment=dqn", *TINY_RUN, cwd=tmp_path, tracking_uri=tracking_uri)
+    assert result.returncode == 7 and "Traceback" not in result.stderr
+    assert last_line(result).startswith(f"Store damaged: {tracking_uri} cannot be read")
+    assert store.read_bytes() == bytes(data)
