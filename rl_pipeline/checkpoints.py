@@ -27,6 +27,7 @@ from lightning_fabric.plugins import TorchCheckpointIO
 from mlflow.exceptions import MlflowException
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from rl_pipeline import tracking
 from rl_pipeline.validation import ConfigError, expected
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,9 @@ CHECKSUM = b"rl_pipeline sha256:"  # the trailer's prefix; the 32-byte digest fo
 TRAILER_BYTES = len(CHECKSUM) + 32
 CHECKPOINT_TAG = "checkpoint"  # on each MLflow run: the path of its last.ckpt
 RUN_ID = re.compile(r"[0-9a-f]{32}")
-# Where a job writes, not what it trains: these may differ between a run and its resume.
-NOT_CONFIG = ("resume", "paths.output_dir")
+# Where a job writes and how long it waits for a server, not what it trains: these may differ
+# between a run and its resume.
+NOT_CONFIG = ("resume", "paths.output_dir", "logger.server_timeout_s")
 
 
 def rng_states() -> dict:
@@ -292,7 +294,7 @@ class SigtermExits:
 
 def find_resume_checkpoint(resume, params: dict[str, str], experiment_name: str, uri: str) -> Resume:
     """The checkpoint and MLflow run that `resume=` names, checked against this job's config."""
-    client = mlflow.MlflowClient(uri)
+    client = tracking.client(uri)
     path = checkpoint_path(str(resume), client, experiment_name)
     try:
         checkpoint = read_checkpoint(path)

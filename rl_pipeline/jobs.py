@@ -2,10 +2,12 @@
 
 A single run exits non-zero. A sweep's job must not exit (Hydra's basic launcher would stop the
 whole sweep there, and joblib would kill the jobs beside it): it records its failure as a FAILED
-child run and returns NaN, the other jobs go on, and the sweep ends non-zero once they have.
+child run and returns the worst objective there is (a sweeper such as Optuna goes on, steering
+away from it), the other jobs go on, and the sweep ends non-zero once they have.
 """
 
 import errno
+import math
 import signal
 import sys
 import traceback
@@ -16,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from mlflow.exceptions import MlflowException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from rl_pipeline import tracking
@@ -82,7 +84,13 @@ def run(task: Callable[[DictConfig], float], cfg: DictConfig) -> float:
             sys.exit(code)
         if isinstance(error, ConfigError):  # stopped before its run existed
             tracking.record_failed_job(cfg, line)
-        return float("nan")
+        return worst_objective()
+
+
+def worst_objective() -> float:
+    """-inf for a sweeper that maximizes (ours do: the return), +inf for one that minimizes."""
+    direction = str(OmegaConf.select(HydraConfig.get(), "sweeper.direction", default="maximize"))
+    return math.inf if "minimize" in direction else -math.inf
 
 
 class CheckOutputDir(Callback):

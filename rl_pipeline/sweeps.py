@@ -33,7 +33,7 @@ class MLflowSweep(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         uri = tracking.tracking_uri()
-        client = mlflow.MlflowClient(uri)
+        client = tracking.client(uri)
         overrides = list(config.hydra.overrides.task)
         keys = swept_keys(overrides, OmegaConf.select(config, "hydra.sweeper.params"))
         swept = [o for o in overrides if tracking.override_key(o) in keys]  # empty for a sweeper's search space
@@ -55,7 +55,7 @@ class MLflowSweep(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         os.environ.pop(tracking.SWEEP_ENV, None)
-        client = mlflow.MlflowClient(tracking.tracking_uri())
+        client = tracking.client(tracking.tracking_uri())
         parent = client.get_run(self.parent_run_id)
         children = compare.sweep_children(client, parent)
         finished = [run for run in children if run.info.status == "FINISHED"]

@@ -3,7 +3,9 @@
 import fcntl
 import json
 import os
+import signal
 import sys
+import threading
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -144,23 +146,47 @@ def current_sweep() -> dict | None:
 
 
 @contextmanager
+def signals_held(signals=(signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
+    """SIGTERM and Ctrl-C that arrive inside the block take effect when it ends (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum)) for signum in signals}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in received:
+            signal.raise_signal(signum)
+
+
+@contextmanager
 def store_lock(uri: str) -> Iterator[None]:
-    """For an SQLite store, an exclusive lock on a file beside it; no-op for other stores.
+    """For an SQLite store, an exclusive lock on a file beside it, with SIGTERM and Ctrl-C held back.
 
     Processes that open one fresh SQLite store at once race in MLflow's schema migration and in
-    creating the experiment; under this lock they take turns.
+    creating the experiment; under this lock they take turns, and a signal cannot leave the store
+    half migrated. A no-op for other stores.
     """
     path = sqlite_path(uri)
     if path is None:
         yield
         return
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
+    with signals_held(), open(path.with_name(path.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
 
+def client(uri: str) -> mlflow.MlflowClient:
+    """A client of the store; making one creates a fresh store's tables, so that happens under its lock."""
+    with store_lock(uri):
+        return mlflow.MlflowClient(uri)
+
+
 def experiment_id(name: str, uri: str) -> str:
-    """The experiment's id, creating it (and a fresh store's tables) under the store's lock."""
+    """The experiment's id, creating it under the store's lock (two creators would race)."""
     with store_lock(uri):
         client = mlflow.MlflowClient(uri)
         experiment = client.get_experiment_by_name(name)
@@ -185,10 +211,10 @@ def record_failed_job(cfg: DictConfig, error: str) -> None:
     uri = tracking_uri()
     try:
         name, tags = new_run_name_and_tags(cfg)
-        client = mlflow.MlflowClient(uri)
-        run = client.create_run(experiment_id(cfg.logger.experiment_name, uri), run_name=name, tags=tags)
-        client.set_tag(run.info.run_id, ERROR_TAG, error[:5000])
-        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+        store = client(uri)
+        run = store.create_run(experiment_id(cfg.logger.experiment_name, uri), run_name=name, tags=tags)
+        store.set_tag(run.info.run_id, ERROR_TAG, error[:5000])
+        store.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
     except Exception as store_error:  # the store itself may be what the job got wrong
         print(f"(not recorded in the MLflow store {uri}: {str(store_error).splitlines()[0]})", file=sys.stderr)
 

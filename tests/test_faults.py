@@ -92,18 +92,24 @@ def test_sigterm_while_exporting_ends_killed_and_resume_finishes_the_export(tmp_
     }
 
 
-def test_independent_runs_started_together_on_a_fresh_store_all_finish(tmp_path, tracking_uri):
+def test_runs_and_a_sweep_started_together_on_a_fresh_store_all_finish(tmp_path, tracking_uri):
     processes = [
         start_cli("+experiment=dqn", f"seed={seed}", *TINY_RUN, cwd=tmp_path, tracking_uri=tracking_uri,
                   run_dir=tmp_path / f"run{seed}")
-        for seed in range(3)
+        for seed in range(2)
     ]
+    processes.append(subprocess.Popen(
+        [sys.executable, "-m", "rl_pipeline", "-m", "+experiment=dqn", "seed=5,6", *TINY_RUN,
+         f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=tmp_path, env=cli_env(tracking_uri), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    ))
     outputs = [process.communicate(timeout=300)[0] for process in processes]
     assert [process.returncode for process in processes] == [0, 0, 0], outputs
     runs = all_runs(tracking_uri)
-    assert len(runs) == 3 and {run.info.status for run in runs} == {"FINISHED"}
+    assert len(runs) == 5 and {run.info.status for run in runs} == {"FINISHED"}  # 2 runs, a parent, 2 children
     for run in runs:
-        assert_each_step_once(tracking_uri, run.info.run_id, last_step=1024)
+        if run.data.tags.get("sweep_role") != "parent":
+            assert_each_step_once(tracking_uri, run.info.run_id, last_step=1024)
 
 
 def test_a_run_in_training_cannot_be_resumed_by_a_second_process(tmp_path, tracking_uri, killed_run):

@@ -147,3 +147,16 @@ def test_a_diverging_job_under_joblib_leaves_its_sibling_training_to_the_end(tmp
     steps = [m.step for m in mlflow.MlflowClient(tracking_uri).get_metric_history(sibling.info.run_id, "train/epsilon")]
     assert steps == list(range(256, 2049, 256))
     assert parent.data.tags["best_run_id"] == sibling.info.run_id
+
+
+def test_optuna_goes_on_past_a_diverging_trial_and_picks_the_best_finished_one(tmp_path, tracking_uri):
+    result = run_sweep("+experiment=dqn", "+hparams_search=dqn_optuna", "hydra.sweeper.n_trials=3", "loss.loss=mse",
+                       "optimizer.lr=choice(1e30,0.001)", *TINY_RUN, cwd=tmp_path, tracking_uri=tracking_uri, returncode=1)
+    assert "Traceback" not in result.stderr
+    parent, children = parent_and_children(all_runs(tracking_uri))
+    assert len(children) == 3  # the search went on after the failed trial
+    failed = [run for run in children if run.info.status == "FAILED"]
+    finished = [run for run in children if run.info.status == "FINISHED"]
+    assert failed and finished and len(failed) + len(finished) == 3
+    assert all(run.data.tags["error"].startswith("TrainingDiverged: loss is") for run in failed)
+    assert parent.data.tags["best_run_id"] in {run.info.run_id for run in finished}

@@ -75,3 +75,17 @@ def test_a_failed_run_keeps_the_error_line_as_a_tag(store):
             raise RuntimeError("boom\nsecond line")
     (run,) = all_runs(store)
     assert run.info.status == "FAILED" and run.data.tags["error"] == "RuntimeError: boom"
+
+
+def test_a_signal_during_the_creation_of_a_fresh_store_waits_until_it_is_created(tracking_uri):
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        with tracking.store_lock(tracking_uri):
+            mlflow.MlflowClient(tracking_uri).search_experiments()  # creates the tables
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+            assert received == []  # held back while the store is being made
+        assert received == [signal.SIGTERM]  # delivered once it is
+    finally:
+        signal.signal(signal.SIGTERM, previous)
