@@ -44,8 +44,9 @@ def is_disk_full(error: BaseException) -> bool:
     return isinstance(error, MlflowException) and "database or disk is full" in str(error)
 
 
-def store_damaged(error: BaseException) -> bool:
-    return any(sign in str(error) for sign in DAMAGED_STORE_SIGNS)
+def store_damage(error: BaseException) -> str | None:
+    """What SQLite said, where the error is a store whose pages are damaged."""
+    return next((sign for sign in DAMAGED_STORE_SIGNS if sign in str(error)), None)
 
 
 def report(error: Exception) -> tuple[str, int] | None:
@@ -57,9 +58,8 @@ def report(error: Exception) -> tuple[str, int] | None:
         return f"Tracking server lost: {str(error).splitlines()[0]}", SERVER_LOST_EXIT
     if is_disk_full(error):
         return f"Disk full: {error}; free space and resume the run with resume=", DISK_FULL_EXIT
-    if store_damaged(error):
-        uri = tracking.tracking_uri()
-        return (f"Store damaged: {uri} cannot be read (SQLite: {', '.join(DAMAGED_STORE_SIGNS)}); "
+    if damage := store_damage(error):
+        return (f"Store damaged: {tracking.tracking_uri()} cannot be read (SQLite: {damage}); "
                 "restore it from a backup or point MLFLOW_TRACKING_URI at another store"), STORE_DAMAGED_EXIT
     return None
 
