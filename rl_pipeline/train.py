@@ -62,13 +62,13 @@ TRAINER_KEYS = {
     "lightning",
 }
 # pl.Trainer arguments that follow from the env-step budget, the eval interval and the run: not for
-# trainer.lightning. The pipeline passes each of them, most at Lightning's own default.
+# trainer.lightning. The pipeline passes each of them, most at Lightning's own default, so that
+# build() refuses them in trainer.lightning.
 FIXED_TRAINER_ARGS = {
     "max_epochs": 1, "num_sanity_val_steps": 0, "max_steps": -1, "max_time": None, "min_epochs": None,
     "min_steps": None, "limit_train_batches": None, "limit_val_batches": None, "check_val_every_n_epoch": 1,
     "fast_dev_run": False, "overfit_batches": 0.0, "num_nodes": 1, "strategy": "auto",
 }
-PIPELINE_TRAINER_ARGS = ("logger", "callbacks", "plugins", "default_root_dir", "val_check_interval", *FIXED_TRAINER_ARGS)
 MAX_SEED = 2**32 - 1  # numpy's limit
 MAX_EXPERIMENT_NAME = 500  # MLflow's limit
 # Stopping and checkpoint selection use the lower confidence bound of the eval mean, not the mean:
@@ -112,10 +112,9 @@ def build(node: DictConfig, key: str, **runtime_kwargs):
 
 
 def check_settings(cfg: DictConfig) -> None:
-    """The settings that no instantiated part checks: top-level keys, trainer, Lightning, logger."""
+    """The settings that no instantiated part checks: top-level keys, trainer, devices, logger, seed."""
     check_no_unknown_keys(cfg, "", TOP_LEVEL_KEYS)
     check_no_unknown_keys(cfg.trainer, "trainer.", TRAINER_KEYS)
-    check_keys(cfg.trainer.lightning, "trainer.lightning", PIPELINE_TRAINER_ARGS)
     check_keys(cfg.logger, "logger", ("tracking_uri", "run_id"))
     check_logger(cfg.logger)
     if non_negative_int("seed", cfg.seed) > MAX_SEED:
