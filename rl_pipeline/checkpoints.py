@@ -104,7 +104,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes a temp file beside the checkpoint, then renames it over: a kill mid-save keeps the old one.
 
     (Lightning's own save stages the file in the system temp dir, and moving it from another
-    filesystem is a copy, which a kill can cut short.) The file ends in its checksum; loading checks it.
+    filesystem is a copy, which a kill can cut short.) The file ends in its checksum, which `resume=`
+    checks before Lightning loads the file (the run lock keeps other writers out until then).
     """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
@@ -124,10 +125,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 raise writer.error from None
             raise
         os.replace(partial.name, path)
-
-    def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict:
-        verify_checksum(Path(path))
-        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
 
 class RunLock:
