@@ -20,6 +20,7 @@ from rl_pipeline import tracking
 from rl_pipeline.plots import Curve, plot_curves
 
 EVAL_METRIC = "eval/return_mean"
+RESULT_METRIC = "test/return_mean"  # a run's result: its exported policy's return on held-out seeds
 IQM_MIN_SEEDS = 5
 
 
@@ -59,7 +60,7 @@ class Row:
     run_name: str
     configuration: str
     seed: str
-    eval_return: float | None
+    test_return: float | None
     solved_env_steps: float | None
     wall_seconds: float | None
     status: str
@@ -71,14 +72,14 @@ class Row:
             run.info.run_name,
             configuration(run, keys),
             run.data.params.get("seed", ""),
-            metrics.get("final/eval_return"),
+            metrics.get(RESULT_METRIC),
             metrics.get("final/solved_env_steps"),
             metrics.get("final/wall_seconds"),
             run.info.status,
         )
 
 
-COLUMNS = ("run", "configuration", "seed", "final eval return", "env steps to solve", "wall s", "status")
+COLUMNS = ("run", "configuration", "seed", "test return", "env steps to solve", "wall s", "status")
 
 
 def _cell(value) -> str:

@@ -1,19 +1,26 @@
-"""Greedy evaluation on fixed seeds, sized so that 'solved' means the policy holds."""
+"""Greedy evaluation on fixed seeds: screening and confirmation while training, a held-out test score after."""
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from gymnasium.vector import VectorEnv
 from PIL import Image
+from scipy import stats
 from torch import nn
+
+CONFIDENCE = 0.95  # of every lower bound: one-sided
 
 
 @torch.no_grad()
 def evaluate(policy: nn.Module, env: VectorEnv, seed: int) -> np.ndarray:
-    """Greedy return of one episode per sub-env, sub-env i reset with seed `seed + i`."""
+    """Greedy return of one episode per sub-env, sub-env i reset with seed `seed + i`.
+
+    A sub-env whose episode ended starts another (autoreset); its rewards no longer count.
+    """
     device = next(policy.parameters()).device
     observations, _ = env.reset(seed=seed)
     returns = np.zeros(env.num_envs)
@@ -26,19 +33,70 @@ def evaluate(policy: nn.Module, env: VectorEnv, seed: int) -> np.ndarray:
     return returns
 
 
-def mean_lower_bound(returns: np.ndarray, z: float = 1.645) -> float:
-    """One-sided 95% lower confidence bound of the mean return."""
-    if len(returns) < 2:
+def mean_lower_bound(returns: np.ndarray) -> float:
+    """One-sided 95% lower confidence bound of the mean return, with Student's t for len(returns) episodes."""
+    n = len(returns)
+    if n < 2:
         return float(np.mean(returns))
-    return float(np.mean(returns) - z * np.std(returns, ddof=1) / np.sqrt(len(returns)))
+    t = stats.t.ppf(CONFIDENCE, df=n - 1)
+    return float(np.mean(returns) - t * np.std(returns, ddof=1) / np.sqrt(n))
+
+
+@dataclass(frozen=True)
+class Score:
+    """What a set of episodes says of a policy: mean, spread, and how low the mean could plausibly be."""
+
+    mean: float
+    std: float
+    lower_bound: float
+    episodes: int
+
+    @classmethod
+    def of(cls, returns: np.ndarray) -> "Score":
+        std = float(np.std(returns, ddof=1)) if len(returns) > 1 else 0.0
+        return cls(float(np.mean(returns)), std, mean_lower_bound(returns), len(returns))
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        return {
+            f"{prefix}/return_mean": self.mean,
+            f"{prefix}/return_std": self.std,
+            f"{prefix}/return_lower_bound": self.lower_bound,
+            f"{prefix}/episodes": float(self.episodes),
+        }
+
+    def __str__(self) -> str:
+        return (
+            f"{self.mean:.1f} ± {self.std:.1f} "
+            f"({CONFIDENCE:.0%} lower bound {self.lower_bound:.1f}, {self.episodes} episodes)"
+        )
+
+
+def play_episodes(
+    policy: nn.Module, make_env: Callable[[int], VectorEnv], episodes: int, seed: int, max_parallel: int = 100
+) -> np.ndarray:
+    """Greedy returns of `episodes` episodes on seeds `seed` .. `seed + episodes - 1`, `max_parallel` at a time."""
+    returns = []
+    for start in range(0, episodes, max_parallel):
+        env = make_env(min(max_parallel, episodes - start))
+        try:
+            returns.append(evaluate(policy, env, seed + start))
+        finally:
+            env.close()
+    return np.concatenate(returns)
+
+
+def score_policy(policy: nn.Module, make_env: Callable[[int], VectorEnv], episodes: int, seed: int) -> Score:
+    """A run's test score, and what `python -m rl_pipeline.evaluate` prints."""
+    return Score.of(play_episodes(policy, make_env, episodes, seed))
 
 
 class Evaluator:
-    """Screens a policy on `episodes` episodes; once that passes `solved_return`, confirms on more.
+    """Screens a policy on `episodes` episodes; once that passes `solved_return`, confirms on fresh ones.
 
-    A policy can score 500 on 20 CartPole episodes and still fail one start in ten. So a screen whose
-    lower confidence bound reaches the threshold is followed by `confirm_episodes` further episodes,
-    and the returns of all of them are what stopping and checkpointing see.
+    A policy can score 500 on 20 CartPole episodes and still fail one start in ten, and a screen
+    that passed was picked for passing. So a screen whose lower confidence bound reaches the
+    threshold is followed by `confirm_episodes` episodes on the next seeds, and their returns alone
+    are what stopping and checkpointing see. Passing means a lower bound >= `solved_return`.
     """
 
     def __init__(
@@ -53,11 +111,14 @@ class Evaluator:
         self.confirm_env = make_env(confirm_episodes) if solved_return is not None and confirm_episodes else None
         self.seed, self.solved_return = seed, solved_return
 
+    def solved(self, lower_bound: float) -> bool:
+        """What stopping, confirmation and a run's `solved` all mean: a lower bound >= solved_return."""
+        return self.solved_return is not None and lower_bound >= self.solved_return
+
     def __call__(self, policy: nn.Module) -> np.ndarray:
         returns = evaluate(policy, self.screen_env, self.seed)
-        if self.confirm_env is not None and mean_lower_bound(returns) >= self.solved_return:
-            confirmation = evaluate(policy, self.confirm_env, self.seed + len(returns))
-            returns = np.concatenate([returns, confirmation])
+        if self.confirm_env is not None and self.solved(mean_lower_bound(returns)):
+            return evaluate(policy, self.confirm_env, self.seed + len(returns))
         return returns
 
 

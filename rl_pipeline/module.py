@@ -11,7 +11,7 @@ from torch import nn
 from rl_pipeline.buffers import UniformReplayBuffer
 from rl_pipeline.checkpoints import restore_rng_states, rng_states
 from rl_pipeline.collectors import Collector
-from rl_pipeline.evaluation import Evaluator, mean_lower_bound
+from rl_pipeline.evaluation import Evaluator, Score
 from rl_pipeline.losses import DQNLoss
 from rl_pipeline.networks import update_target
 from rl_pipeline.transforms import policy_input
@@ -56,8 +56,17 @@ class DQNModule(pl.LightningModule):
 
     @property
     def policy(self) -> nn.Module:
-        """Greedy policy's Q-function on raw env observations: what evaluation runs and MLflow stores."""
+        """Q(s, ·) on raw env observations: what acts, learns, is evaluated and is stored in MLflow."""
         return nn.Sequential(self.policy_input, self.q_network)
+
+    @property
+    def target_policy(self) -> nn.Module:
+        """Q⁻(s, ·) on raw env observations, through the same input as the online network."""
+        return nn.Sequential(self.policy_input, self.target_network)
+
+    def refresh_policy_input(self) -> None:
+        """Freeze the observation statistics of this moment into the policy (and so into its checkpoints)."""
+        self.policy_input = policy_input(self.transforms).to(self.device)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer
@@ -91,18 +100,21 @@ class DQNModule(pl.LightningModule):
         self._resumed_rng_states = state["rng"]
 
     def training_step(self, iteration: int, batch_idx: int) -> None:
-        stats = self.collector.collect(self.q_network)
+        stats = self.collector.collect(self.policy)
+        self.refresh_policy_input()  # now with this iteration's observations
+        online, target = self.policy, self.target_policy
         losses, q_values = [], []
         if not self.collector.warming_up:
             for _ in range(self.updates_per_iteration):
-                out = self.update(self.buffer.sample(self.collector.env_steps).to(self.device))
+                out = self.update(online, target, self.buffer.sample(self.collector.env_steps).to(self.device))
                 losses.append(out.loss.detach())
                 q_values.append(out.q_taken.mean())
         self.log_iteration(stats, losses, q_values)
 
-    def update(self, batch):
+    def update(self, online: nn.Module, target: nn.Module, batch):
+        """One gradient step on the TD loss of `batch`; writes its TD errors back as priorities; syncs θ⁻ on schedule."""
         optimizer = self.optimizers()
-        out = self.loss_fn(self.q_network, self.target_network, batch)
+        out = self.loss_fn(online, target, batch)
         if not torch.isfinite(out.loss):
             raise TrainingDiverged(
                 f"loss is {out.loss.item()} at env step {self.collector.env_steps} (update {self.num_updates + 1})"
@@ -137,16 +149,7 @@ class DQNModule(pl.LightningModule):
         self.log_dict(bar, prog_bar=True, logger=False, batch_size=1)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        # Freeze the observation statistics of this moment into the policy (and so into its checkpoint).
-        self.policy_input = policy_input(self.transforms).to(self.device)
-        returns = self.evaluator(self.policy)
-        self.log_dict(
-            {
-                "eval/return_mean": float(returns.mean()),
-                "eval/return_std": float(returns.std()),
-                "eval/return_lower_bound": mean_lower_bound(returns),
-                "eval/episodes": float(len(returns)),
-                "step": float(self.collector.env_steps),
-            },
-            batch_size=1,
-        )
+        score = Score.of(self.evaluator(self.policy))
+        metrics = {**score.metrics("eval"), "step": float(self.collector.env_steps)}
+        # float64, as measured: stopping and checkpoint selection compare these against solved_return.
+        self.log_dict({key: torch.tensor(value, dtype=torch.float64) for key, value in metrics.items()}, batch_size=1)

@@ -75,9 +75,9 @@ class MLflowSweep(Callback):
             sys.exit(1)
 
     def tag_best(self, client: mlflow.MlflowClient, runs: list) -> None:
-        """The best job's run id, eval return and swept params, as tags of the parent."""
-        best = max(runs, key=lambda run: run.data.metrics.get("final/eval_return", float("-inf")))
+        """The best job's run id, test return and swept params, as tags of the parent."""
+        best = max(runs, key=lambda run: run.data.metrics.get(compare.RESULT_METRIC, float("-inf")))
         client.set_tag(self.parent_run_id, "best_run_id", best.info.run_id)
-        client.set_tag(self.parent_run_id, "best_eval_return", best.data.metrics.get("final/eval_return"))
+        client.set_tag(self.parent_run_id, "best_test_return", best.data.metrics.get(compare.RESULT_METRIC))
         for key in self.swept_keys:
             client.set_tag(self.parent_run_id, f"best.{key}", best.data.params.get(key))

@@ -39,7 +39,7 @@ from rl_pipeline.envs import (
     sub_env_wrappers,
     wrap_for_training,
 )
-from rl_pipeline.evaluation import Evaluator, record_gif
+from rl_pipeline.evaluation import Evaluator, Score, record_gif, score_policy
 from rl_pipeline.module import DQNModule, TrainingDiverged
 from rl_pipeline.validation import (
     ConfigError,
@@ -58,8 +58,8 @@ TOP_LEVEL_KEYS = {*GROUPS, "seed", "paths", "resume"}
 TRAINER_KEYS = {
     "max_env_steps", "updates_per_iteration", "target_sync_interval_updates", "target_sync_tau",
     "eval_interval_env_steps", "eval_episodes", "eval_seed", "stop_when_solved", "solved_return",
-    "solved_confirm_episodes", "max_grad_norm", "checkpoint_interval_env_steps", "checkpoint_buffer_max_mb",
-    "lightning",
+    "solved_confirm_episodes", "test_episodes", "test_seed", "max_grad_norm", "checkpoint_interval_env_steps",
+    "checkpoint_buffer_max_mb", "lightning",
 }
 # pl.Trainer arguments that follow from the env-step budget, the eval interval and the run: not for
 # trainer.lightning. The pipeline passes each of them, most at Lightning's own default, so that
@@ -122,12 +122,13 @@ def check_settings(cfg: DictConfig) -> None:
     check_devices(cfg.trainer.lightning)
     t = cfg.trainer
     for key in ("max_env_steps", "updates_per_iteration", "target_sync_interval_updates",
-                "eval_interval_env_steps", "eval_episodes", "checkpoint_interval_env_steps"):
+                "eval_interval_env_steps", "eval_episodes", "test_episodes", "checkpoint_interval_env_steps"):
         positive_int(f"trainer.{key}", t[key])
     if not (isinstance(t.checkpoint_buffer_max_mb, (int, float)) and t.checkpoint_buffer_max_mb >= 0):
         raise expected("trainer.checkpoint_buffer_max_mb", "a number >= 0", t.checkpoint_buffer_max_mb)
     non_negative_int("trainer.eval_seed", t.eval_seed)
     non_negative_int("trainer.solved_confirm_episodes", t.solved_confirm_episodes)
+    check_test_seeds(t)
     probability("trainer.target_sync_tau", t.target_sync_tau)
     if t.target_sync_tau == 0:
         raise expected("trainer.target_sync_tau", "a number in (0, 1]", 0)
@@ -141,6 +142,21 @@ def check_settings(cfg: DictConfig) -> None:
         raise expected(
             "trainer.max_env_steps", f"at least collector.learning_starts ({learning_starts}), or no update ever happens",
             t.max_env_steps,
+        )
+
+
+def check_test_seeds(t: DictConfig) -> None:
+    """The test episodes' seeds must be ones that evaluation (screening or confirmation) never plays."""
+    if non_negative_int("trainer.test_seed", t.test_seed) + t.test_episodes > MAX_SEED + 1:
+        raise expected("trainer.test_seed", f"seeds up to {MAX_SEED} for trainer.test_episodes episodes", t.test_seed)
+    evaluation = range(t.eval_seed, t.eval_seed + t.eval_episodes + t.solved_confirm_episodes)
+    test = range(t.test_seed, t.test_seed + t.test_episodes)
+    if max(evaluation.start, test.start) < min(evaluation.stop, test.stop):
+        raise expected(
+            "trainer.test_seed",
+            f"test seeds apart from evaluation's ({evaluation.start} .. {evaluation.stop - 1}, from trainer.eval_seed, "
+            f"eval_episodes and solved_confirm_episodes); {t.test_seed} .. {test.stop - 1} overlap them",
+            t.test_seed,
         )
 
 
@@ -186,6 +202,16 @@ def check_network_fits(q_network: nn.Module, space, num_actions: int) -> None:
         raise ConfigError("network", f"expected Q-values of shape (1, {num_actions}) for one observation, got {shape}")
 
 
+def check_buffer_holds_episode_ends(cfg: DictConfig, buffer, num_envs: int) -> None:
+    """An episode's end releases up to n_step transitions per sub-env in one add."""
+    needed = cfg.collector.get("n_step", 1) * num_envs
+    if buffer.capacity < needed:
+        raise expected(
+            "buffer.capacity", f"at least collector.n_step x env.num_envs ({needed}), the transitions one step can add",
+            buffer.capacity,
+        )
+
+
 def check_buffer_fits(buffer, space) -> None:
     """A buffer that cannot be allocated is refused now, not at its first add, mid-run."""
     needed = buffer.planned_nbytes(space.shape, space.dtype)
@@ -204,17 +230,26 @@ def solved_return(cfg: DictConfig, env) -> float | None:
     return cfg.trainer.solved_return if cfg.trainer.solved_return is not None else reward_threshold(env)
 
 
+def build_transforms(cfg: DictConfig) -> list:
+    return [build(node, f"transforms.{name}") for name, node in cfg.transforms.items()]
+
+
 def build_env(cfg: DictConfig, transforms: list, **kwargs):
     """The env of cfg.env with the sub-env transforms, which the policy's input includes."""
     return build(cfg.env, "env", wrappers=sub_env_wrappers(transforms), **kwargs)
 
 
-def build_evaluator(cfg: DictConfig, env, transforms: list) -> Evaluator:
+def eval_env_maker(cfg: DictConfig, transforms: list):
+    """num_envs -> the env of cfg.env, stepped in this process so that sub-env i resets with seed + i."""
     def make_env(num_envs: int):
         return build_env(cfg, transforms, num_envs=num_envs, vectorization_mode="sync")
 
+    return make_env
+
+
+def build_evaluator(cfg: DictConfig, env, transforms: list) -> Evaluator:
     return Evaluator(
-        make_env,
+        eval_env_maker(cfg, transforms),
         episodes=cfg.trainer.eval_episodes,
         seed=cfg.trainer.eval_seed,
         solved_return=solved_return(cfg, env),
@@ -224,7 +259,7 @@ def build_evaluator(cfg: DictConfig, env, transforms: list) -> Evaluator:
 
 def build_module(cfg: DictConfig) -> DQNModule:
     """Every part, in data-flow order; all config mistakes surface here, before MLflow or training."""
-    transforms = [build(node, f"transforms.{name}") for name, node in cfg.transforms.items()]
+    transforms = build_transforms(cfg)
     env = build_env(cfg, transforms)
     try:
         num_actions = require_discrete_actions(env)
@@ -235,6 +270,7 @@ def build_module(cfg: DictConfig) -> DQNModule:
     q_network = build(cfg.network, "network", observation_shape=space.shape, num_actions=num_actions)
     check_network_fits(q_network, space, num_actions)
     buffer = build(cfg.buffer, "buffer")
+    check_buffer_holds_episode_ends(cfg, buffer, env.num_envs)
     check_buffer_fits(buffer, space)
     return DQNModule(
         q_network=q_network,
@@ -273,7 +309,9 @@ def build_callbacks(cfg: DictConfig, module: DQNModule, checkpoints: list[pl.Cal
             EarlyStopping(
                 monitor=STOP_METRIC,
                 mode="max",
-                stopping_threshold=solved,
+                # EarlyStopping stops when strictly above its threshold; the metric is float64, so
+                # "above the next float64 down" is ">= solved", as confirmation and the solved flag read it.
+                stopping_threshold=math.nextafter(solved, -math.inf),
                 patience=math.inf,  # stop when solved or out of budget, never for a plateau
                 check_on_train_epoch_end=False,
             )
@@ -343,26 +381,27 @@ def export_best(module: DQNModule, checkpoint_path: str) -> nn.Module:
     return policy
 
 
-def export(cfg: DictConfig, module: DQNModule, best: ModelCheckpoint, last: Path, started: float) -> float:
-    """Everything a run promises once trained: checkpoints, the best policy, summary metrics, plots."""
-    log.info("Exporting to MLflow run %s: checkpoints, policy, plots", mlflow.active_run().info.run_id)
+def export(cfg: DictConfig, module: DQNModule, best: ModelCheckpoint, last: Path, started: float) -> Score:
+    """Everything a run promises once trained: checkpoints, the best policy, its test score, plots."""
+    log.info("Exporting to MLflow run %s: checkpoints, policy, test score, plots", mlflow.active_run().info.run_id)
     mlflow.log_artifact(str(last), "checkpoints")
     policy = export_best(module, best.best_model_path)
-    threshold = module.evaluator.solved_return
-    solved = threshold is not None and best.best_model_score >= threshold
+    solved = module.evaluator.solved(float(best.best_model_score))
     return log_results(cfg, module, policy, solved, started)
 
 
-def log_results(cfg: DictConfig, module: DQNModule, policy: nn.Module, solved: bool, started: float) -> float:
-    """The run's summary metrics, learning curve and episode GIF; returns the exported policy's eval return.
+def log_results(cfg: DictConfig, module: DQNModule, policy: nn.Module, solved: bool, started: float) -> Score:
+    """The run's test score and summary metrics, learning curve and episode GIF; returns the test score.
 
-    A resumed export logs only the summary metrics that the run does not hold yet.
+    A resumed export logs only the metrics that the run does not hold yet.
     """
     run_id = mlflow.active_run().info.run_id
     output_dir = Path(cfg.paths.output_dir)
-    eval_return = float(module.evaluator(policy).mean())
+    t = cfg.trainer
+    log.info("Testing the exported policy on %d episodes, seeds from %d", t.test_episodes, t.test_seed)
+    score = score_policy(policy, eval_env_maker(cfg, module.transforms), t.test_episodes, t.test_seed)
     env_steps = module.collector.env_steps
-    summary = {"final/eval_return": eval_return, "final/env_steps": env_steps}
+    summary = {**score.metrics("test"), "final/env_steps": env_steps}
     if solved:
         summary["final/solved_env_steps"] = env_steps
     summary["final/wall_seconds"] = time.perf_counter() - started
@@ -374,11 +413,11 @@ def log_results(cfg: DictConfig, module: DQNModule, policy: nn.Module, solved: b
     render_env.close()
     if gif is not None:
         mlflow.log_artifact(str(gif))
-    return eval_return
+    return score
 
 
 def train(cfg: DictConfig) -> float:
-    """Train one agent, or resume one; return the exported policy's eval return (the objective for sweepers).
+    """Train one agent, or resume one; return its test score's mean return (the objective for sweepers).
 
     Every check comes before the MLflow run exists; inside it, SIGTERM ends the run KILLED and
     resumable, and the run is FINISHED only once its policy, checkpoints and plots are stored.
@@ -420,8 +459,8 @@ def train(cfg: DictConfig) -> float:
             score = export(cfg, module, best, last.path, started)
 
     print(
-        f"MLflow run {run_id}: eval return {score:.1f}, "
+        f"MLflow run {run_id}: test return {score} on held-out seeds, "
         f"{module.collector.env_steps} env steps, {time.perf_counter() - started:.1f} s wall, "
         f"store {uri}"
     )
-    return score
+    return score.mean

@@ -2,11 +2,12 @@
 
 A transform does one of two things. `wrap_sub_env(env)` wraps each sub-env, of the training and
 the evaluation envs alike: the policy sees its output, which is what the exported model takes
-(frame stacking, Atari preprocessing). `wrap(vector_env)` wraps the training env only: where it
-changes observations, `policy_input()` returns the same change as a torch module, frozen at the
-statistics of the moment, so that evaluation and the exported MLflow model take the env's own
-observations (normalize_obs); a reward transform shapes what the agent learns from, never the
-returns it is measured by (clip_reward).
+(frame stacking, Atari preprocessing). `wrap(vector_env)` wraps the training env only: it shapes
+the rewards the agent learns from, never the returns it is measured by (clip_reward), or gathers
+statistics of the observations, which pass unchanged into the replay buffer. `policy_input()` is
+the change the Q-network's input then gets, as a torch module frozen at the statistics of the
+moment (normalize_obs): acting, learning, evaluation and the exported MLflow model all take the
+env's own observations through it.
 """
 
 import functools
@@ -15,8 +16,9 @@ import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium import wrappers
-from gymnasium.vector import VectorEnv
+from gymnasium.vector import VectorEnv, VectorObservationWrapper
 from gymnasium.wrappers import vector as vector_wrappers
+from gymnasium.wrappers.utils import RunningMeanStd
 from torch import nn
 
 from rl_pipeline.validation import ConfigError, boolean, expected, non_negative_int, positive_int, positive_number
@@ -35,15 +37,32 @@ class ObservationNormalizer(nn.Module):
         return (observations - self.mean) / torch.sqrt(self.var + self.epsilon)
 
 
+class ObservationStatistics(VectorObservationWrapper):
+    """Running mean and variance of every observation that passes (gymnasium's RunningMeanStd); passes them raw."""
+
+    def __init__(self, env: VectorEnv):
+        super().__init__(env)
+        self.obs_rms = RunningMeanStd(shape=env.single_observation_space.shape)
+
+    def observations(self, observations: np.ndarray) -> np.ndarray:
+        self.obs_rms.update(observations)
+        return observations
+
+
 class NormalizeObservation:
-    """Running mean/std normalization of observations (gymnasium's NormalizeObservation)."""
+    """Running mean/std normalization of observations, with gymnasium's statistics and formula.
+
+    The replay buffer keeps raw observations and every batch is normalized with the statistics of
+    its update, as Stable-Baselines3's VecNormalize does: a transition stored early is not left
+    normalized by statistics the network no longer sees.
+    """
 
     def __init__(self, epsilon: float = 1e-8):
         self.epsilon = positive_number("epsilon", epsilon)
         self._wrapper = None
 
     def wrap(self, env: VectorEnv) -> VectorEnv:
-        self._wrapper = vector_wrappers.NormalizeObservation(env, epsilon=self.epsilon)
+        self._wrapper = ObservationStatistics(env)
         return self._wrapper
 
     def policy_input(self) -> nn.Module:

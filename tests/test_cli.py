@@ -1,5 +1,6 @@
 """`python -m rl_pipeline` end to end, in subprocesses, against a real MLflow SQLite store."""
 
+import math
 import os
 import re
 import signal
@@ -9,10 +10,14 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageSequence
 
-from conftest import TINY_RUN, all_runs, run_cli
+from conftest import TINY_RUN, all_runs, cli_env, run_cli
+from rl_pipeline.evaluation import Score
+from test_evaluation import greedy_episode_return
 from rl_pipeline.transforms import ObservationNormalizer
 
 METRICS = {
@@ -37,7 +42,53 @@ def test_writes_one_finished_run_and_a_summary_line(tiny_run):
     assert run.info.status == "FINISHED"
     summary = [line for line in result.stdout.splitlines() if line.startswith("MLflow run ")]
     assert summary == [summary[0]] and run.info.run_id in summary[0]
-    assert "1024 env steps" in summary[0] and "eval return" in summary[0] and uri in summary[0]
+    assert "1024 env steps" in summary[0] and "test return" in summary[0] and uri in summary[0]
+
+
+def test_the_result_is_the_logged_policys_score_on_held_out_seeds(tiny_run):
+    result, run, _, uri = tiny_run
+    mlflow.set_tracking_uri(uri)
+    policy = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    # trainer.test_seed and test_episodes by default: 100 episodes from seed 2,000,000, which evaluation never plays.
+    returns = np.array([greedy_episode_return(policy, seed) for seed in range(2_000_000, 2_000_100)])
+    assert {key: value for key, value in run.data.metrics.items() if key.startswith("test/")} == Score.of(returns).metrics("test")
+    assert f"test return {Score.of(returns)} on held-out seeds" in result.stdout
+
+
+def run_evaluate(*args: str, uri: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rl_pipeline.evaluate", *args], cwd=cwd, env=cli_env(uri),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_evaluate_rescores_a_logged_policy_by_default_on_its_test_episodes(tiny_run, tmp_path):
+    _, run, _, uri = tiny_run
+    result = run_evaluate(run.info.run_id, uri=uri, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = run.data.metrics
+    assert f"return {metrics['test/return_mean']:.1f} ± {metrics['test/return_std']:.1f}" in result.stdout
+    assert "seeds 2000000 .. 2000099" in result.stdout
+
+
+def test_evaluate_plays_the_episodes_and_seeds_asked_for_and_writes_a_video(tiny_run, tmp_path):
+    _, run, _, uri = tiny_run
+    result = run_evaluate(run.info.run_id, "--episodes", "7", "--seed", "55", "--video", "episode.gif", uri=uri, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    mlflow.set_tracking_uri(uri)
+    policy = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    returns = np.array([greedy_episode_return(policy, seed) for seed in range(55, 62)])
+    assert f"return {Score.of(returns)}, seeds 55 .. 61" in result.stdout
+    with Image.open(tmp_path / "episode.gif") as gif:  # the whole first episode: every second step, 80 ms each
+        duration = sum(frame.info["duration"] for frame in ImageSequence.Iterator(gif))
+    assert duration == 80 * math.ceil(returns[0] / 2)
+    assert "Downloading" not in result.stderr
+
+
+@pytest.mark.parametrize("args", [("0123456789abcdef",), ("RUN", "--episodes", "0")], ids=["unknown run", "no episodes"])
+def test_evaluate_says_what_is_wrong_in_one_line(tiny_run, tmp_path, args):
+    _, run, _, uri = tiny_run
+    result = run_evaluate(*(run.info.run_id if arg == "RUN" else arg for arg in args), uri=uri, cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.startswith("evaluate: ") and result.stderr.count("\n") == 1, result.stderr
 
 
 def test_params_are_the_resolved_config_under_dotted_keys(tiny_run):
@@ -54,7 +105,7 @@ def test_params_are_the_resolved_config_under_dotted_keys(tiny_run):
 def test_metrics_are_stepped_by_env_steps(tiny_run):
     _, run, client, _ = tiny_run
     assert METRICS <= set(run.data.metrics)
-    assert run.data.metrics["final/env_steps"] == 1024 and "final/eval_return" in run.data.metrics
+    assert run.data.metrics["final/env_steps"] == 1024 and "test/return_mean" in run.data.metrics
     epsilon_steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/epsilon")]
     assert epsilon_steps == list(range(256, 1025, 256))  # one point per iteration of 256 frames
     eval_steps = [m.step for m in client.get_metric_history(run.info.run_id, "eval/return_mean")]

@@ -35,6 +35,14 @@ CASES = [
     (("seed=-1",), "seed: expected an integer >= 0"),
     (("+optimizer.betas=[0.9]",), "optimizer: ConfigIndexError: list index out of range"),  # two, given one
     (("+optimizer.weight_decay=-1",), "optimizer: ValueError: Invalid weight_decay value: -1"),
+    # Test seeds that evaluation (1000000 .. 1000119: 20 screening, 100 confirmation) also plays.
+    (("trainer.test_seed=1000119",), "trainer.test_seed: expected test seeds apart from evaluation's (1000000 .. 1000119"),
+    (("trainer.test_seed=999901",), "trainer.test_seed: expected test seeds apart from evaluation's"),
+    (("trainer.test_seed=4294967290",), "trainer.test_seed: expected seeds up to 4294967295"),
+    (("trainer.test_episodes=0",), "trainer.test_episodes: expected a positive integer"),
+    # One step can end an episode in every sub-env, each releasing n_step transitions at once.
+    (("collector.n_step=3", "buffer.capacity=11", "buffer.batch_size=8"),
+     "buffer.capacity: expected at least collector.n_step x env.num_envs (12)"),
 ]
 
 

@@ -1,53 +1,124 @@
+"""Evaluation: greedy episodes on fixed seeds, scored the same way for screening, confirmation and testing."""
+
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from rl_pipeline.envs import make_vector_env
-from rl_pipeline.evaluation import Evaluator, evaluate, mean_lower_bound
+from rl_pipeline.evaluation import Evaluator, Score, evaluate, mean_lower_bound, play_episodes, score_policy
 from rl_pipeline.networks import MLP
 
 
 class PoleBalancer(nn.Module):
     """A hand-written CartPole controller as a Q-function: push right when the pole falls right."""
 
-    def __init__(self):
+    def __init__(self, gain=(0.0, 0.0, 3.0, 1.0)):
         super().__init__()
-        self.gain = nn.Parameter(torch.tensor([0.0, 0.0, 3.0, 1.0]))
+        self.gain = nn.Parameter(torch.tensor(gain))
 
     def forward(self, observations):
         lean = observations @ self.gain
         return torch.stack([-lean, lean], dim=1)
 
 
-def make_cartpoles(num_envs: int):
-    return make_vector_env("CartPole-v1", num_envs=num_envs)
+def make_cartpoles(num_envs: int, max_episode_steps: int | None = None):
+    return make_vector_env("CartPole-v1", num_envs=num_envs, max_episode_steps=max_episode_steps)
 
 
-def test_evaluate_plays_one_full_episode_per_sub_env_with_fixed_seeds():
-    q_network = MLP((4,), 2, [8])
-    env = make_vector_env("CartPole-v1", num_envs=3, max_episode_steps=50)
-    first = evaluate(q_network, env, seed=7)
-    assert first.shape == (3,) and np.all((first >= 1) & (first <= 50))
-    np.testing.assert_array_equal(evaluate(q_network, env, seed=7), first)
+def weak_policy() -> nn.Module:
+    """A random MLP: CartPole episodes of 11 to 87 steps, seed by seed."""
+    torch.manual_seed(1)
+    return MLP((4,), 2, [8])
 
 
-def test_mean_lower_bound_by_hand():
-    # mean 3, sample std sqrt(2.5), n 5: 3 - 1.645 * sqrt(2.5 / 5)
-    assert mean_lower_bound(np.array([1.0, 2, 3, 4, 5])) == pytest.approx(3 - 1.645 * np.sqrt(0.5))
+@torch.no_grad()
+def greedy_episode_return(policy: nn.Module, seed: int, max_episode_steps: int | None = None) -> float:
+    """The reference: one plain gymnasium episode, reset with `seed`, acting argmax Q at every step."""
+    env = gym.make("CartPole-v1", max_episode_steps=max_episode_steps)
+    observation, _ = env.reset(seed=seed)
+    total, done = 0.0, False
+    while not done:
+        action = int(policy(torch.as_tensor(observation).unsqueeze(0)).argmax())
+        observation, reward, terminated, truncated, _ = env.step(action)
+        total, done = total + reward, terminated or truncated
+    env.close()
+    return total
+
+
+@pytest.mark.parametrize("max_episode_steps", [None, 75])
+def test_a_vectorized_evaluation_equals_greedy_single_env_episodes_seed_by_seed(max_episode_steps):
+    # Sub-envs end at different steps and start new episodes (autoreset): those rewards must not count.
+    policy = weak_policy()
+    returns = evaluate(policy, make_cartpoles(6, max_episode_steps), seed=40)
+    reference = [greedy_episode_return(policy, 40 + i, max_episode_steps) for i in range(6)]
+    np.testing.assert_array_equal(returns, reference)
+    assert len(set(reference)) > 2, "episodes of different lengths, or the test proves nothing"
+    if max_episode_steps:
+        assert 0 < reference.count(max_episode_steps) < 6, "some episodes truncated, some not"
+
+
+def test_evaluation_is_greedy_whatever_the_rng():
+    policy = weak_policy()
+    env = make_cartpoles(5)
+    torch.manual_seed(0)
+    first = evaluate(policy, env, seed=7)
+    torch.manual_seed(1)
+    np.random.seed(1)
+    np.testing.assert_array_equal(evaluate(policy, env, seed=7), first)
+    np.testing.assert_array_equal(first, [greedy_episode_return(policy, 7 + i) for i in range(5)])
+
+
+def test_the_lower_bound_uses_students_t_for_the_number_of_episodes():
+    # mean 3, sample std sqrt(2.5), n 5: t(0.95, df 4) = 2.1318 from the table
+    assert mean_lower_bound(np.array([1.0, 2, 3, 4, 5])) == pytest.approx(3 - 2.1318 * np.sqrt(0.5), abs=1e-4)
+    returns = np.array([400.0, 500.0] * 10)  # n 20: t(0.95, df 19) = 1.7291, not z = 1.645
+    expected = 450 - 1.7291 * returns.std(ddof=1) / np.sqrt(20)
+    assert mean_lower_bound(returns) == pytest.approx(expected, abs=1e-3)
     assert mean_lower_bound(np.array([500.0] * 20)) == 500.0
+    assert mean_lower_bound(np.array([321.0])) == 321.0
 
 
-def test_a_passing_screen_is_confirmed_on_more_episodes():
-    evaluator = Evaluator(make_cartpoles, episodes=4, seed=0, solved_return=475, confirm_episodes=6)
+def test_a_score_holds_mean_sample_std_bound_and_count():
+    returns = np.array([10.0, 20.0, 60.0])
+    score = Score.of(returns)
+    assert (score.mean, score.episodes) == (30.0, 3)
+    assert score.std == pytest.approx(np.sqrt(700))  # sample std: squares 400 + 100 + 900 over n - 1
+    assert score.lower_bound == mean_lower_bound(returns)
+    assert score.metrics("test") == {
+        "test/return_mean": 30.0, "test/return_std": score.std, "test/return_lower_bound": score.lower_bound,
+        "test/episodes": 3.0,
+    }
+
+
+def test_play_episodes_plays_each_seed_once_whatever_the_width():
+    policy = weak_policy()
+    in_chunks = play_episodes(policy, make_cartpoles, episodes=7, seed=100, max_parallel=3)
+    np.testing.assert_array_equal(in_chunks, [greedy_episode_return(policy, 100 + i) for i in range(7)])
+    score = score_policy(policy, make_cartpoles, episodes=7, seed=100)
+    assert score == Score.of(in_chunks)
+
+
+def test_a_passing_screen_is_confirmed_on_the_next_seeds_alone():
+    policy = weak_policy()
+    evaluator = Evaluator(make_cartpoles, episodes=4, seed=10, solved_return=0, confirm_episodes=6)
+    returns = evaluator(policy)
+    np.testing.assert_array_equal(returns, [greedy_episode_return(policy, seed) for seed in range(14, 20)])
+
+
+def test_a_screen_exactly_at_the_threshold_passes():
+    # 500 on every episode: a lower bound of exactly 500, which is solved (>=), so it is confirmed.
+    evaluator = Evaluator(make_cartpoles, episodes=4, seed=0, solved_return=500, confirm_episodes=6)
     returns = evaluator(PoleBalancer())
-    assert len(returns) == 10 and returns.min() == 500
+    assert len(returns) == 6 and returns.min() == 500
 
 
 def test_a_failing_screen_is_not_confirmed():
+    policy = weak_policy()
     evaluator = Evaluator(make_cartpoles, episodes=4, seed=0, solved_return=475, confirm_episodes=6)
-    returns = evaluator(MLP((4,), 2, [8]))
-    assert len(returns) == 4 and returns.max() < 475
+    returns = evaluator(policy)
+    np.testing.assert_array_equal(returns, [greedy_episode_return(policy, seed) for seed in range(4)])
 
 
 def test_no_confirmation_without_a_threshold():

@@ -79,7 +79,7 @@ def test_sigterm_while_exporting_ends_killed_and_resume_finishes_the_export(tmp_
     finally:
         process.kill()
     (run,) = all_runs(tracking_uri)
-    assert run.info.status == "KILLED" and "final/eval_return" not in run.data.metrics
+    assert run.info.status == "KILLED" and "test/return_mean" not in run.data.metrics
 
     resumed = run_cli("+experiment=dqn", *TINY_RUN, "resume=last", cwd=tmp_path, tracking_uri=tracking_uri)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

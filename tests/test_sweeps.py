@@ -61,7 +61,7 @@ def test_sweep_against_a_tracking_server_nests_four_children_under_one_parent(tm
         params = {p["key"]: p["value"] for p in child["data"]["params"]}
         settings.add((params["seed"], params["optimizer.lr"]))
         assert child["info"]["run_name"] == f"seed={params['seed']},lr={params['optimizer.lr']}"
-        assert {"eval/return_mean", "train/loss", "final/eval_return"} <= {m["key"] for m in child["data"]["metrics"]}
+        assert {"eval/return_mean", "train/loss", "test/return_mean"} <= {m["key"] for m in child["data"]["metrics"]}
     assert settings == {("0", "0.001"), ("0", "0.0003"), ("1", "0.001"), ("1", "0.0003")}
 
     listed = rest(mlflow_server, f"/api/2.0/mlflow/artifacts/list?run_id={parent_id}&path=comparison")
@@ -90,7 +90,7 @@ def test_optuna_search_runs_its_trials_as_children_and_tags_the_best(tmp_path, t
 
     parent, children = parent_and_children(all_runs(tracking_uri))
     assert len(children) == 3 and all(run.info.status == "FINISHED" for run in children)
-    best = max(children, key=lambda run: run.data.metrics["final/eval_return"])
+    best = max(children, key=lambda run: run.data.metrics["test/return_mean"])
     assert parent.data.tags["best_run_id"] == best.info.run_id
     for key in ("optimizer.lr", "buffer.batch_size", "trainer.target_sync_interval_updates",
                 "collector.epsilon_fraction", "network.hidden_sizes"):

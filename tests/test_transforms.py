@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from gymnasium.wrappers import vector as vector_wrappers
 
 from rl_pipeline.envs import make_vector_env, sub_env_wrappers, wrap_for_training
 from rl_pipeline.transforms import AtariPreprocessing, ClipReward, FrameStack, NormalizeObservation, policy_input
@@ -12,17 +13,25 @@ def make_env(id="CartPole-v1", transforms=(), num_envs=2, **kwargs):
     return wrap_for_training(env, transforms)
 
 
-def test_policy_input_reproduces_the_wrappers_normalization_on_raw_observations():
+def test_policy_input_is_gymnasiums_normalization_with_the_running_statistics_of_raw_observations():
     transform = NormalizeObservation()
     env = wrap_for_training(make_vector_env("CartPole-v1", num_envs=2), [transform])
-    env.reset(seed=0)
+    plain = make_vector_env("CartPole-v1", num_envs=2)
+    seen = [env.reset(seed=0)[0]]
+    np.testing.assert_array_equal(seen[0], plain.reset(seed=0)[0])
     for _ in range(50):
-        env.step(env.action_space.sample())
-    frozen = policy_input([transform])
+        actions = env.action_space.sample()
+        seen.append(env.step(actions)[0])
+        np.testing.assert_array_equal(seen[-1], plain.step(actions)[0])  # observations pass raw
+    stats = transform._wrapper.obs_rms
+    np.testing.assert_allclose(stats.mean, np.concatenate(seen).mean(axis=0), atol=1e-6)
+    np.testing.assert_allclose(stats.var, np.concatenate(seen).var(axis=0), rtol=1e-3)
+    # gymnasium's own wrapper, given the same statistics, normalizes as the policy's input does.
+    reference = vector_wrappers.NormalizeObservation(make_vector_env("CartPole-v1", num_envs=2))
+    reference.obs_rms, reference.update_running_mean = stats, False
     raw = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
-    transform._wrapper.update_running_mean = False
-    expected = transform._wrapper.observations(raw)
-    np.testing.assert_allclose(frozen(torch.as_tensor(raw)).numpy(), expected, rtol=1e-5, atol=1e-6)
+    frozen = policy_input([transform])
+    np.testing.assert_allclose(frozen(torch.as_tensor(raw)).numpy(), reference.observations(raw), rtol=1e-5, atol=1e-6)
 
 
 def test_policy_input_is_a_snapshot_that_later_steps_do_not_change():

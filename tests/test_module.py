@@ -1,0 +1,300 @@
+"""The training loop, in process: what acts, what learns from what, what an update writes back, when θ⁻ syncs.
+
+Each test fits a real DQNModule with Lightning on CartPole for a few hundred env steps and watches
+it through spies that record and pass everything on unchanged.
+"""
+
+import csv
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+from torch.func import functional_call
+
+from conftest import compose_config
+from rl_pipeline.envs import layers, make_vector_env
+from rl_pipeline.evaluation import Score
+from rl_pipeline.train import STOP_METRIC, build_module, build_trainer, check_settings, fit
+from rl_pipeline.transforms import ObservationStatistics
+
+# 8 iterations of 128 env steps (4 envs x 32); updates (3 per iteration) start once 256 steps are collected.
+SMALL = (
+    "+experiment=dqn",
+    "trainer.max_env_steps=1024",
+    "collector.frames_per_iteration=128",
+    "collector.learning_starts=256",
+    "collector.epsilon_fraction=0",  # ε = epsilon_end from the start: the same ε whatever the budget
+    "trainer.updates_per_iteration=3",
+    "buffer.batch_size=32",
+    "trainer.eval_interval_env_steps=512",
+    "trainer.eval_episodes=3",
+    "trainer.stop_when_solved=false",
+    "trainer.lightning.enable_progress_bar=false",
+)
+UPDATES = 7 * 3  # iterations 2..8, 3 updates each
+
+
+def parameters(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in network.named_parameters()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[name], b[name]) for name in a)
+
+
+def fit_module(tmp_path, *overrides: str, before_fit=lambda module: None, checkpoints=()):
+    cfg = compose_config(*SMALL, *overrides, f"paths.output_dir={tmp_path}")
+    check_settings(cfg)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # as train() does: same seed, same run
+    module = build_module(cfg)
+    before_fit(module)
+    trainer = build_trainer(cfg, module, list(checkpoints))
+    trainer.logger = CSVLogger(tmp_path, name="log")
+    fit(trainer, module, cfg, None, tmp_path / "last.ckpt")
+    return module, trainer
+
+
+def logged_rows(trainer) -> list[dict]:
+    with open(f"{trainer.logger.log_dir}/metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def record_updates(module, records: list) -> None:
+    """Spy on DQNModule.update: the networks before and after each update, its batch and its output."""
+    update = module.update
+
+    def recording(online, target, batch):
+        before = SimpleNamespace(online=parameters(module.q_network), target=parameters(module.target_network))
+        out = update(online, target, batch)
+        records.append(SimpleNamespace(
+            before=before, online=parameters(module.q_network), target=parameters(module.target_network),
+            batch=batch, out=out, num_updates=module.num_updates,
+            priorities=module.buffer.tree[batch.indices.numpy()].copy() if hasattr(module.buffer, "tree") else None,
+        ))
+        return out
+
+    module.update = recording
+
+
+def test_updates_per_iteration_after_warm_up_and_none_before(tmp_path):
+    records = []
+    module, _ = fit_module(tmp_path, before_fit=lambda m: record_updates(m, records))
+    assert module.num_updates == len(records) == UPDATES
+    assert [r.num_updates for r in records] == list(range(1, UPDATES + 1))
+    # Every update steps the online network; none touches it in place otherwise.
+    for r in records:
+        assert not same(r.before.online, r.online)
+
+
+@pytest.mark.parametrize("interval", [1, 4, 1000])
+def test_the_target_network_is_a_hard_copy_every_interval_updates_and_untouched_between(tmp_path, interval):
+    records, initial = [], {}
+
+    def before_fit(module):
+        initial.update(online=parameters(module.q_network), target=parameters(module.target_network))
+        record_updates(module, records)
+
+    module, _ = fit_module(tmp_path, f"trainer.target_sync_interval_updates={interval}", before_fit=before_fit)
+    assert same(initial["online"], initial["target"]), "θ⁻ starts as a copy of θ"
+    for r in records:
+        if r.num_updates % interval == 0:
+            assert same(r.target, r.online), f"update {r.num_updates}: θ⁻ should now equal θ"
+        else:
+            assert same(r.target, r.before.target), f"update {r.num_updates}: θ⁻ should be untouched"
+    synced = sum(r.num_updates % interval == 0 for r in records)
+    assert synced == UPDATES // interval
+
+
+def test_polyak_averaging_moves_the_target_by_tau_at_each_sync(tmp_path):
+    records = []
+    fit_module(tmp_path, "trainer.target_sync_interval_updates=2", "trainer.target_sync_tau=0.25",
+               before_fit=lambda m: record_updates(m, records))
+    for r in records:
+        for name, target in r.target.items():
+            if r.num_updates % 2 == 0:
+                expected = r.before.target[name] + 0.25 * (r.online[name] - r.before.target[name])
+                torch.testing.assert_close(target, expected)
+            else:
+                assert torch.equal(target, r.before.target[name])
+
+
+@pytest.mark.parametrize("double_dqn", [False, True])
+def test_each_update_learns_from_the_online_network_against_the_target_network(tmp_path, double_dqn):
+    # The TD errors an update reports, recomputed from the parameters before it: y from θ⁻ (and θ for
+    # double DQN's argmax), Q(s, a) from θ. A loss fed the wrong network, or after the step, differs.
+    records = []
+    module, _ = fit_module(tmp_path, "trainer.target_sync_interval_updates=1000", f"loss.double_dqn={double_dqn}",
+                           before_fit=lambda m: record_updates(m, records))
+    gamma = module.loss_fn.gamma
+    for r in records:
+        b = r.batch
+        q_next_target = functional_call(module.target_network, r.before.target, (b.next_observations,))
+        if double_dqn:
+            q_next_online = functional_call(module.q_network, r.before.online, (b.next_observations,))
+            next_value = q_next_target.gather(1, q_next_online.argmax(1, keepdim=True)).squeeze(1)
+        else:
+            next_value = q_next_target.max(1).values
+        y = b.rewards + gamma**b.steps * (1 - b.terminated) * next_value
+        q_taken = functional_call(module.q_network, r.before.online, (b.observations,)).gather(
+            1, b.actions.unsqueeze(1)).squeeze(1)
+        torch.testing.assert_close(r.out.td_error, (y - q_taken).detach())
+    assert not same(records[-1].before.online, records[-1].before.target), "θ and θ⁻ apart, or this proves nothing"
+
+
+def test_each_update_writes_its_td_errors_back_as_priorities(tmp_path):
+    records = []
+    module, _ = fit_module(tmp_path, "buffer=prioritized", before_fit=lambda m: record_updates(m, records))
+    buffer = module.buffer
+    for r in records:
+        expected = (r.out.td_error.abs().double().numpy() + buffer.epsilon) ** buffer.alpha
+        last_write = {int(i): p for i, p in zip(r.batch.indices, expected)}  # a repeated index: its last sample
+        np.testing.assert_allclose(r.priorities, [last_write[int(i)] for i in r.batch.indices])
+        assert not np.allclose(r.priorities, buffer.max_priority), "priorities unchanged since their insertion"
+
+
+def test_the_collector_acts_with_the_online_network(tmp_path):
+    observations = torch.as_tensor(make_vector_env("CartPole-v1", num_envs=8).reset(seed=5)[0])
+    acting = []  # per iteration: Q-values of the network it acted with, of θ and of θ⁻, at that moment
+
+    def before_fit(module):
+        collect = module.collector.collect
+
+        def recording(network):
+            with torch.no_grad():
+                acting.append([net(observations) for net in (network, module.q_network, module.target_network)])
+            return collect(network)
+
+        module.collector.collect = recording
+
+    fit_module(tmp_path, "trainer.target_sync_interval_updates=1000", before_fit=before_fit)
+    assert len(acting) == 8
+    for acted, online, _ in acting:
+        torch.testing.assert_close(acted, online)
+    acted, _, target = acting[-1]
+    assert not torch.allclose(acted, target), "θ and θ⁻ apart, or this proves nothing"
+
+
+class RecordingEvaluator:
+    """Passes every call to the module's evaluator; keeps what it was given and what it returned."""
+
+    def __init__(self, module, probe: torch.Tensor):
+        self.evaluator, self.module, self.probe, self.calls = module.evaluator, module, probe, []
+
+    def __getattr__(self, name):
+        return getattr(self.evaluator, name)
+
+    @torch.no_grad()
+    def __call__(self, policy):
+        returns = self.evaluator(policy)
+        networks = (policy, self.module.q_network, self.module.target_network)
+        self.calls.append(SimpleNamespace(q_values=[net(self.probe) for net in networks], returns=returns))
+        return returns
+
+
+def test_evaluation_scores_the_online_policy_and_logs_its_score_at_its_env_step(tmp_path):
+    probe = torch.as_tensor(make_vector_env("CartPole-v1", num_envs=8).reset(seed=5)[0])
+    recorders = []
+
+    def before_fit(module):
+        module.evaluator = RecordingEvaluator(module, probe)
+        recorders.append(module.evaluator)
+
+    _, trainer = fit_module(tmp_path, "trainer.target_sync_interval_updates=1000", before_fit=before_fit)
+    calls = recorders[0].calls
+    evals = [row for row in logged_rows(trainer) if row.get("eval/return_mean")]
+    assert [int(row["step"]) for row in evals] == [512, 1024] and len(calls) == 2
+    for row, call in zip(evals, calls):
+        evaluated, online, target = call.q_values
+        torch.testing.assert_close(evaluated, online)
+        assert not torch.allclose(evaluated, target), "θ and θ⁻ apart, or this proves nothing"
+        expected = Score.of(call.returns).metrics("eval")
+        assert {key: float(row[key]) for key in expected} == expected
+
+
+def test_each_iteration_logs_its_episodes_epsilon_and_loss_at_its_env_step(tmp_path):
+    iterations = []
+
+    def before_fit(module):
+        collect = module.collector.collect
+        module.collector.collect = lambda network: (stats := collect(network), iterations.append(stats))[0]
+
+    module, trainer = fit_module(tmp_path, "collector.epsilon_end=0.3", before_fit=before_fit)
+    rows = [row for row in logged_rows(trainer) if row.get("train/epsilon")]
+    assert [int(row["step"]) for row in rows] == list(range(128, 1025, 128))
+    for i, (row, stats) in enumerate(zip(rows, iterations, strict=True)):
+        assert float(row["train/epsilon"]) == pytest.approx(1.0 if i < 1 else 0.3)  # warm-up: uniformly random
+        if stats.episode_returns:
+            assert float(row["train/episode_return"]) == pytest.approx(np.mean(stats.episode_returns))
+        assert bool(row["train/loss"]) == (i >= 1), "a loss once updates start, none during warm-up"
+    assert sum(len(s.episode_returns) for s in iterations) > 8, "episodes end in most iterations"
+
+
+def test_gradients_are_clipped_to_max_grad_norm(tmp_path):
+    norms = {}
+
+    def record_grad_norms(key):
+        def before_fit(module):
+            def hook(optimizer, args, kwargs):
+                grads = [p.grad for p in module.q_network.parameters()]
+                norms.setdefault(key, []).append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+            module.optimizer.register_step_pre_hook(hook)
+        return before_fit
+
+    fit_module(tmp_path / "free", before_fit=record_grad_norms("free"))
+    fit_module(tmp_path / "clipped", "trainer.max_grad_norm=0.05", before_fit=record_grad_norms("clipped"))
+    assert len(norms["clipped"]) == UPDATES
+    assert max(norms["clipped"]) <= 0.05 * (1 + 1e-5)
+    assert max(norms["free"]) > 0.05, "gradients above the clip, or this proves nothing"
+
+
+def test_normalized_observations_are_stored_raw_and_normalized_with_the_statistics_of_each_update(tmp_path):
+    last_update = {}
+
+    def before_fit(module):
+        update, inputs = module.update, []
+        module.q_network.register_forward_pre_hook(lambda net, args: inputs.append(args[0]))
+
+        def recording(online, target, batch):
+            inputs.clear()
+            out = update(online, target, batch)
+            last_update.update(batch=batch, inputs=list(inputs))
+            return out
+
+        module.update = recording
+
+    module, _ = fit_module(tmp_path, "transforms=normalize_obs", before_fit=before_fit)
+    # The first stored transitions start from the training envs' first (seeded) observations, raw.
+    first = make_vector_env("CartPole-v1", num_envs=4).reset(seed=0)[0]
+    np.testing.assert_array_equal(module.buffer.storage.observations[:4].numpy(), first)
+    stats = next(layer for layer in layers(module.collector.env) if isinstance(layer, ObservationStatistics)).obs_rms
+    assert stats.count > 1024  # every observation since the first reset
+    # The last update's Q(s, a) took its batch normalized with the statistics after the last collection.
+    raw = last_update["batch"].observations
+    mean, var = (torch.as_tensor(x, dtype=torch.float32) for x in (stats.mean, stats.var))
+    normalized = (raw - mean) / torch.sqrt(var + 1e-8)
+    assert any(torch.allclose(x, normalized, atol=1e-6) for x in last_update["inputs"] if x.shape == raw.shape)
+    assert not torch.allclose(raw, normalized, atol=0.1), "normalizing changes the batch, or this proves nothing"
+
+
+def stopped_at(tmp_path, solved_return: float) -> tuple[int, bool]:
+    """The env step a run with this threshold stopped at, and whether its best checkpoint counts as solved."""
+    best = ModelCheckpoint(dirpath=tmp_path, monitor=STOP_METRIC, mode="max", save_weights_only=True)
+    module, _ = fit_module(
+        tmp_path, "trainer.stop_when_solved=true", f"trainer.solved_return={solved_return!r}",
+        "trainer.solved_confirm_episodes=0", checkpoints=[best],
+    )
+    return module.collector.env_steps, module.evaluator.solved(float(best.best_model_score))
+
+
+def test_a_run_stops_and_is_solved_when_its_lower_bound_equals_the_threshold(tmp_path):
+    module, trainer = fit_module(tmp_path / "first", "trainer.max_env_steps=512")
+    bound = trainer.callback_metrics["eval/return_lower_bound"]
+    assert bound.dtype == torch.float64  # as measured, so that ">=" means what it says
+    # The same run with the threshold at exactly that bound stops there, solved; a hair above, it goes on.
+    assert stopped_at(tmp_path / "at", bound.item()) == (512, True)
+    assert stopped_at(tmp_path / "above", math.nextafter(bound.item(), math.inf))[0] == 1024
