@@ -68,13 +68,19 @@ def main(argv: list[str] | None = None) -> Score:
         sys.exit(f"evaluate: {error}")
     print(f"Run {args.run_id} on {cfg.env.id}: return {score}, seeds {seed} .. {seed + episodes - 1}")
     if args.video:
-        render_env = build_env(cfg, transforms, num_envs=1, vectorization_mode="sync", render_mode="rgb_array")
-        try:
-            written = record_gif(policy, render_env, args.video, seed=seed, max_frames=sys.maxsize)
-        finally:
-            render_env.close()
-        print(f"Wrote {written}" if written else f"{cfg.env.id} does not render to images: no video")
+        write_video(cfg, transforms, policy, args.video, seed)
     return score
+
+
+def write_video(cfg: DictConfig, transforms: list, policy, path: Path, seed: int) -> None:
+    render_env = build_env(cfg, transforms, num_envs=1, vectorization_mode="sync", render_mode="rgb_array")
+    try:
+        written = record_gif(policy, render_env, path, seed=seed, max_frames=sys.maxsize)
+    except OSError as error:
+        sys.exit(f"evaluate: --video: expected a writable file, got {str(path)!r} ({error.strerror or error})")
+    finally:
+        render_env.close()
+    print(f"Wrote {written}" if written else f"{cfg.env.id} does not render to images: no video")
 
 
 if __name__ == "__main__":

@@ -83,7 +83,11 @@ def test_evaluate_plays_the_episodes_and_seeds_asked_for_and_writes_a_video(tiny
     assert "Downloading" not in result.stderr
 
 
-@pytest.mark.parametrize("args", [("0123456789abcdef",), ("RUN", "--episodes", "0")], ids=["unknown run", "no episodes"])
+@pytest.mark.parametrize(
+    "args",
+    [("0123456789abcdef",), ("RUN", "--episodes", "0"), ("RUN", "--episodes", "1", "--video", "/proc/nope/x.gif")],
+    ids=["unknown run", "no episodes", "unwritable video"],
+)
 def test_evaluate_says_what_is_wrong_in_one_line(tiny_run, tmp_path, args):
     _, run, _, uri = tiny_run
     result = run_evaluate(*(run.info.run_id if arg == "RUN" else arg for arg in args), uri=uri, cwd=tmp_path)
