@@ -35,11 +35,7 @@ def evaluate(policy: nn.Module, env: VectorEnv, seed: int) -> np.ndarray:
 
 def mean_lower_bound(returns: np.ndarray) -> float:
     """One-sided 95% lower confidence bound of the mean return, with Student's t for len(returns) episodes."""
-    n = len(returns)
-    if n < 2:
-        return float(np.mean(returns))
-    t = stats.t.ppf(CONFIDENCE, df=n - 1)
-    return float(np.mean(returns) - t * np.std(returns, ddof=1) / np.sqrt(n))
+    return Score.of(returns).lower_bound
 
 
 @dataclass(frozen=True)
@@ -47,14 +43,17 @@ class Score:
     """What a set of episodes says of a policy: mean, spread, and how low the mean could plausibly be."""
 
     mean: float
-    std: float
-    lower_bound: float
+    std: float  # sample std; 0 for one episode
+    lower_bound: float  # mean - t * std / sqrt(n); the mean itself for one episode
     episodes: int
 
     @classmethod
     def of(cls, returns: np.ndarray) -> "Score":
-        std = float(np.std(returns, ddof=1)) if len(returns) > 1 else 0.0
-        return cls(float(np.mean(returns)), std, mean_lower_bound(returns), len(returns))
+        n, mean = len(returns), float(np.mean(returns))
+        if n < 2:
+            return cls(mean, 0.0, mean, n)
+        std = float(np.std(returns, ddof=1))
+        return cls(mean, std, float(mean - stats.t.ppf(CONFIDENCE, df=n - 1) * std / np.sqrt(n)), n)
 
     def metrics(self, prefix: str) -> dict[str, float]:
         return {

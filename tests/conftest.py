@@ -8,9 +8,12 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+import gymnasium as gym
 import mlflow
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
+from torch import nn
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -110,3 +113,17 @@ def all_runs(tracking_uri: str) -> list:
     if not experiments:
         return []
     return client.search_runs([e.experiment_id for e in experiments])
+
+
+@torch.no_grad()
+def greedy_episode_return(policy: nn.Module, seed: int, max_episode_steps: int | None = None) -> float:
+    """The reference: one plain gymnasium episode, reset with `seed`, acting argmax Q at every step."""
+    env = gym.make("CartPole-v1", max_episode_steps=max_episode_steps)
+    observation, _ = env.reset(seed=seed)
+    total, done = 0.0, False
+    while not done:
+        action = int(policy(torch.as_tensor(observation).unsqueeze(0)).argmax())
+        observation, reward, terminated, truncated, _ = env.step(action)
+        total, done = total + reward, terminated or truncated
+    env.close()
+    return total

@@ -15,9 +15,8 @@ import pytest
 import torch
 from PIL import Image, ImageSequence
 
-from conftest import TINY_RUN, all_runs, cli_env, run_cli
+from conftest import TINY_RUN, all_runs, cli_env, greedy_episode_return, run_cli
 from rl_pipeline.evaluation import Score
-from test_evaluation import greedy_episode_return
 from rl_pipeline.transforms import ObservationNormalizer
 
 METRICS = {

@@ -1,11 +1,11 @@
 """Evaluation: greedy episodes on fixed seeds, scored the same way for screening, confirmation and testing."""
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from conftest import greedy_episode_return
 from rl_pipeline.envs import make_vector_env
 from rl_pipeline.evaluation import Evaluator, Score, evaluate, mean_lower_bound, play_episodes, score_policy
 from rl_pipeline.networks import MLP
@@ -31,20 +31,6 @@ def weak_policy() -> nn.Module:
     """A random MLP: CartPole episodes of 11 to 87 steps, seed by seed."""
     torch.manual_seed(1)
     return MLP((4,), 2, [8])
-
-
-@torch.no_grad()
-def greedy_episode_return(policy: nn.Module, seed: int, max_episode_steps: int | None = None) -> float:
-    """The reference: one plain gymnasium episode, reset with `seed`, acting argmax Q at every step."""
-    env = gym.make("CartPole-v1", max_episode_steps=max_episode_steps)
-    observation, _ = env.reset(seed=seed)
-    total, done = 0.0, False
-    while not done:
-        action = int(policy(torch.as_tensor(observation).unsqueeze(0)).argmax())
-        observation, reward, terminated, truncated, _ = env.step(action)
-        total, done = total + reward, terminated or truncated
-    env.close()
-    return total
 
 
 @pytest.mark.parametrize("max_episode_steps", [None, 75])
