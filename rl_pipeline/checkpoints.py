@@ -316,7 +316,7 @@ def find_resume_checkpoint(resume, params: dict[str, str], experiment_name: str,
 def checkpoint_path(resume: str, client: mlflow.MlflowClient, experiment_name: str) -> Path:
     """`last` (the newest run's), an MLflow run id, a run directory or a checkpoint file -> last.ckpt's path."""
     if resume == "last" or RUN_ID.fullmatch(resume):
-        run = latest_run(client, experiment_name) if resume == "last" else run_or_none(client, resume)
+        run = latest_run(client, experiment_name) if resume == "last" else tracking.run_or_none(client, resume)
         if run is None or CHECKPOINT_TAG not in run.data.tags:
             raise ConfigError("resume", f"found no MLflow run with a checkpoint for {resume!r} in {client.tracking_uri}")
         path = Path(run.data.tags[CHECKPOINT_TAG])
@@ -332,13 +332,6 @@ def checkpoint_path(resume: str, client: mlflow.MlflowClient, experiment_name: s
         what = "a run directory (holding checkpoints/last.ckpt), a .ckpt file, an MLflow run id or last"
         raise expected("resume", what, resume)
     return path
-
-
-def run_or_none(client: mlflow.MlflowClient, run_id: str):
-    try:
-        return client.get_run(run_id)
-    except MlflowException:
-        return None
 
 
 def latest_run(client: mlflow.MlflowClient, experiment_name: str):

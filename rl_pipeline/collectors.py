@@ -57,7 +57,7 @@ class NStepReturns:
 
 
 class Collector:
-    """Steps `env` for `frames_per_iteration` frames (summed over its sub-envs) per `collect()` call.
+    """Steps `env` for `frames_per_iteration` frames (summed over its sub-envs) per `collect()` call, unless told fewer.
 
     Actions are uniformly random until `learning_starts` frames, then ε-greedy on the Q-network with
     ε annealed linearly from `epsilon_start` to `epsilon_end` over `epsilon_fraction` of the budget.
@@ -131,11 +131,14 @@ class Collector:
             self.observations, self.resetting = state["observations"], state["resetting"]
             self.n_step.pending = state["n_step_pending"]
 
-    def collect(self, q_network: nn.Module) -> CollectStats:
+    def collect(self, q_network: nn.Module, frames: int | None = None) -> CollectStats:
+        frames = self.frames_per_iteration if frames is None else frames
+        if frames % self.num_envs:
+            raise ValueError(f"{frames} frames do not divide among {self.num_envs} sub-envs")
         if self.observations is None:  # new episodes; after a resume, not the first run's again
             self.observations, _ = self.env.reset(seed=self.seed + self.env_steps)
         stats = CollectStats()
-        for _ in range(self.frames_per_iteration // self.num_envs):
+        for _ in range(frames // self.num_envs):
             actions = self.act(q_network, self.observations)
             next_observations, rewards, terminated, truncated, info = self.env.step(actions)
             real = ~self.resetting  # a reset step's (obs, next_obs) pair spans two episodes: never store it

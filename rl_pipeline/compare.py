@@ -1,13 +1,16 @@
-"""Compare runs: a table and a learning-curve plot with the seeds of each configuration aggregated.
+"""Compare runs: a row per configuration (its seeds together), a row per run, and each configuration's curve.
 
     python -m rl_pipeline.compare <sweep id | experiment name> [--out DIR]
 
 A sweep id is the run id of a sweep's parent run (its `sweep_id` tag); the report covers its child
-runs. An experiment name covers every run of that experiment but the sweep parents.
+runs, one configuration per value of what the sweep varies besides the seed. An experiment name
+covers every run of that experiment but the sweep parents, one configuration per set of params.
 """
 
 import argparse
 import csv
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,13 +18,17 @@ import mlflow
 import numpy as np
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
+from scipy import stats
 
 from rl_pipeline import tracking
+from rl_pipeline.evaluation import Score
 from rl_pipeline.plots import Curve, plot_curves
 
 EVAL_METRIC = "eval/return_mean"
 RESULT_METRIC = "test/return_mean"  # a run's result: its exported policy's return on held-out seeds
+SOLVED_METRIC = "final/solved_env_steps"
 IQM_MIN_SEEDS = 5
+SWEPT_KEYS_TAG = "swept_keys"  # on a sweep's parent: what the sweep varies, as a JSON list of override keys
 
 
 def sweep_children(client: mlflow.MlflowClient, parent: Run) -> list[Run]:
@@ -30,33 +37,45 @@ def sweep_children(client: mlflow.MlflowClient, parent: Run) -> list[Run]:
     )
 
 
-def find_runs(client: mlflow.MlflowClient, target: str) -> tuple[list[Run], str]:
-    """The runs that `target` names (a sweep id or an experiment name), and a title for them."""
+def find_runs(client: mlflow.MlflowClient, target: str) -> tuple[list[Run], list[str], str]:
+    """The runs that `target` names (a sweep id or an experiment name), what tells their configurations apart, a title."""
     try:
         parent = client.get_run(target)
     except MlflowException:
         experiment = client.get_experiment_by_name(target)
         if experiment is None:
             raise SystemExit(f"compare: {target!r} is neither a sweep id (a run id) nor an experiment name")
-        runs = client.search_runs([experiment.experiment_id])
-        return [run for run in runs if run.data.tags.get("sweep_role") != "parent"], f"experiment {target}"
-    return sweep_children(client, parent), parent.info.run_name
+        runs = [run for run in client.search_runs([experiment.experiment_id]) if not is_sweep(run)]
+        return runs, varied_params(runs), f"experiment {target}"
+    children = sweep_children(client, parent)
+    return children, configuration_keys(parent, children), parent.info.run_name
+
+
+def is_sweep(run: Run) -> bool:
+    return run.data.tags.get("sweep_role") == "parent"
+
+
+def configuration_keys(parent: Run, children: list[Run]) -> list[str]:
+    """What the sweep varies besides the seed."""
+    swept = parent.data.tags.get(SWEPT_KEYS_TAG)
+    keys = json.loads(swept) if swept else varied_params(children)
+    return [key for key in keys if key != "seed"]
 
 
 def varied_params(runs: list[Run]) -> list[str]:
-    """The params whose values differ between runs (where each job writes is not a setting)."""
-    keys = sorted({key for run in runs for key in run.data.params if not key.startswith("paths.")})
+    """The params whose values differ between runs, the seed aside."""
+    keys = sorted({key for run in runs for key in run.data.params if key != "seed"})
     return [key for key in keys if len({run.data.params.get(key) for run in runs}) > 1]
 
 
 def configuration(run: Run, keys: list[str]) -> str:
     """What sets a run apart from the others, seed aside: the label its seeds are aggregated under."""
-    parts = [f"{name}={run.data.params.get(key)}" for key in keys if (name := key.rsplit(".", 1)[-1]) != "seed"]
-    return ",".join(parts) or "all runs"
+    return ",".join(f"{key}={run.data.params.get(key)}" for key in keys) or "all runs"
 
 
 @dataclass
-class Row:
+class RunRow:
+    run_id: str
     run_name: str
     configuration: str
     seed: str
@@ -66,37 +85,113 @@ class Row:
     status: str
 
     @classmethod
-    def of(cls, run: Run, keys: list[str]) -> "Row":
+    def of(cls, run: Run, keys: list[str]) -> "RunRow":
         metrics = run.data.metrics
         return cls(
+            run.info.run_id,
             run.info.run_name,
             configuration(run, keys),
             run.data.params.get("seed", ""),
             metrics.get(RESULT_METRIC),
-            metrics.get("final/solved_env_steps"),
+            metrics.get(SOLVED_METRIC),
             metrics.get("final/wall_seconds"),
             run.info.status,
         )
 
+    @property
+    def scored(self) -> bool:
+        return self.status == "FINISHED" and self.test_return is not None
 
-COLUMNS = ("run", "configuration", "seed", "test return", "env steps to solve", "wall s", "status")
+
+@dataclass
+class ConfigurationRow:
+    """One configuration over its seeds: the test return's mean, spread and 95% interval, how often and how fast it solved."""
+
+    configuration: str
+    runs: int
+    test_return_mean: float
+    test_return_std: float  # sample std over seeds; 0 for one seed
+    ci_low: float | None  # Student's t 95% interval of the mean over seeds; none for one seed
+    ci_high: float | None
+    solved_fraction: float
+    median_solved_env_steps: float | None  # over the runs that solved
+    run_ids: str
+
+    @classmethod
+    def of(cls, label: str, rows: list[RunRow]) -> "ConfigurationRow":
+        score = Score.of(np.array([row.test_return for row in rows]))
+        n = len(rows)
+        half_width = stats.t.ppf(0.975, n - 1) * score.std / math.sqrt(n) if n > 1 else None
+        solved = [row.solved_env_steps for row in rows if row.solved_env_steps is not None]
+        return cls(
+            label, n, score.mean, score.std,
+            None if half_width is None else score.mean - half_width,
+            None if half_width is None else score.mean + half_width,
+            len(solved) / n, float(np.median(solved)) if solved else None,
+            " ".join(row.run_id for row in rows),
+        )
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        """For a sweep's parent run: what its table sorts by (SUMMARY_METRICS, those that apply)."""
+        metrics = {
+            f"{prefix}/test_return_mean": self.test_return_mean,
+            f"{prefix}/test_return_std": self.test_return_std,
+            f"{prefix}/solved_fraction": self.solved_fraction,
+            f"{prefix}/runs": float(self.runs),
+        }
+        if self.ci_low is not None:
+            metrics |= {f"{prefix}/test_return_ci_low": self.ci_low, f"{prefix}/test_return_ci_high": self.ci_high}
+        if self.median_solved_env_steps is not None:
+            metrics[f"{prefix}/median_solved_env_steps"] = self.median_solved_env_steps
+        return metrics
+
+
+SUMMARY_METRICS = (
+    "test_return_mean", "test_return_std", "solved_fraction", "runs", "test_return_ci_low", "test_return_ci_high",
+    "median_solved_env_steps",
+)
+
+
+def configuration_rows(rows: list[RunRow]) -> list[ConfigurationRow]:
+    """A row per configuration from its finished runs, best first (highest mean test return, then most often solved)."""
+    groups: dict[str, list[RunRow]] = {}
+    for row in rows:
+        if row.scored:
+            groups.setdefault(row.configuration, []).append(row)
+    configurations = [ConfigurationRow.of(label, group) for label, group in groups.items()]
+    return sorted(configurations, key=lambda c: (-c.test_return_mean, -c.solved_fraction, c.configuration))
+
+
+RUN_COLUMNS = ("run id", "run", "configuration", "seed", "test return", "env steps to solve", "wall s", "status")
+CONFIGURATION_COLUMNS = (
+    "configuration", "runs", "test return mean", "test return std", "95% CI low", "95% CI high", "solved fraction",
+    "median env steps to solve", "run ids",
+)
 
 
 def _cell(value) -> str:
     if value is None:
         return "-"
-    return f"{value:.1f}" if isinstance(value, float) else str(value)
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
-def write_table(rows: list[Row], directory: Path) -> list[Path]:
-    cells = [[_cell(v) for v in vars(row).values()] for row in rows]
-    csv_path, md_path = directory / "comparison.csv", directory / "comparison.md"
-    with csv_path.open("w", newline="") as f:
-        csv.writer(f).writerows([COLUMNS, *cells])
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(row) + " |" for row in cells]
-    md_path.write_text("\n".join(lines) + "\n")
-    return [csv_path, md_path]
+def write_tables(configurations: list[ConfigurationRow], runs: list[RunRow], directory: Path) -> list[Path]:
+    """configurations.csv, runs.csv, and both tables in comparison.md."""
+    tables = {
+        "configurations": (CONFIGURATION_COLUMNS, [[_cell(v) for v in vars(row).values()] for row in configurations]),
+        "runs": (RUN_COLUMNS, [[_cell(v) for v in vars(row).values()] for row in runs]),
+    }
+    paths, lines = [], []
+    for name, (columns, cells) in tables.items():
+        path = directory / f"{name}.csv"
+        with path.open("w", newline="") as f:
+            csv.writer(f).writerows([columns, *cells])
+        paths.append(path)
+        lines += [f"## {name.capitalize()}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(row) + " |" for row in cells] + [""]
+    markdown = directory / "comparison.md"
+    markdown.write_text("\n".join(lines))
+    return [markdown, *paths]
 
 
 def interquartile_mean(values: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -137,13 +232,21 @@ def aggregated_curves(client: mlflow.MlflowClient, runs: list[Run], keys: list[s
     return curves
 
 
-def write_report(client: mlflow.MlflowClient, runs: list[Run], directory: Path, title: str) -> list[Path]:
-    """comparison.csv, comparison.md and comparison.png in `directory`."""
+@dataclass
+class Report:
+    configurations: list[ConfigurationRow]  # best first
+    runs: list[RunRow]
+    paths: list[Path]  # comparison.md, configurations.csv, runs.csv, comparison.png
+
+
+def write_report(client: mlflow.MlflowClient, runs: list[Run], keys: list[str], directory: Path, title: str) -> Report:
+    """The tables and the curves of `runs`, configurations told apart by `keys`, in `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
-    keys = varied_params(runs)
-    rows = sorted((Row.of(run, keys) for run in runs), key=lambda row: (row.configuration, row.seed))
-    plot = plot_curves(aggregated_curves(client, runs, keys), directory / "comparison.png", title)
-    return [*write_table(rows, directory), plot]
+    rows = sorted((RunRow.of(run, keys) for run in runs), key=lambda row: (row.configuration, row.seed))
+    configurations = configuration_rows(rows)
+    finished = [run for run in runs if run.info.status == "FINISHED"]
+    plot = plot_curves(aggregated_curves(client, finished, keys), directory / "comparison.png", title)
+    return Report(configurations, rows, [*write_tables(configurations, rows, directory), plot])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,13 +255,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="where to write the report (default: outputs/compare/TARGET)")
     args = parser.parse_args(argv)
     client = mlflow.MlflowClient(tracking.tracking_uri())
-    runs, title = find_runs(client, args.target)
+    runs, keys, title = find_runs(client, args.target)
     if not runs:
         raise SystemExit(f"compare: no runs found for {args.target!r}")
     out = args.out or Path("outputs") / "compare" / args.target
-    paths = write_report(client, runs, out, title)
-    print(paths[1].read_text(), end="")
-    print(f"Wrote {', '.join(str(p) for p in paths)}")
+    report = write_report(client, runs, keys, out, title)
+    print(report.paths[0].read_text(), end="")
+    print(f"Wrote {', '.join(str(p) for p in report.paths)}")
 
 
 if __name__ == "__main__":

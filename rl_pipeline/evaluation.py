@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from gymnasium.vector import VectorEnv
-from PIL import Image
+from PIL import Image, ImageDraw
 from scipy import stats
 from torch import nn
 
@@ -56,11 +56,11 @@ class Score:
         return cls(mean, std, float(mean - stats.t.ppf(CONFIDENCE, df=n - 1) * std / np.sqrt(n)), n)
 
     def metrics(self, prefix: str) -> dict[str, float]:
+        """The return's statistics; the number of episodes is a setting, not a measurement."""
         return {
             f"{prefix}/return_mean": self.mean,
             f"{prefix}/return_std": self.std,
             f"{prefix}/return_lower_bound": self.lower_bound,
-            f"{prefix}/episodes": float(self.episodes),
         }
 
     def __str__(self) -> str:
@@ -122,21 +122,34 @@ class Evaluator:
 
 
 @torch.no_grad()
-def record_gif(policy: nn.Module, env: VectorEnv, path: Path, seed: int, max_frames: int = 150, every: int = 2) -> Path | None:
-    """A greedy episode of `env`'s first sub-env (made with render_mode="rgb_array") as an animated GIF.
+def record_gif(
+    policy: nn.Module, env: VectorEnv, path: Path, seed: int, every: int = 2, max_frames: int = 1000
+) -> Path | None:
+    """One whole greedy episode of `env`'s first sub-env (made with render_mode="rgb_array") as an animated GIF.
 
-    Every `every`-th frame, at most `max_frames`. None where the env cannot render to an array.
+    Every `every`-th step, each frame captioned with its step and the return so far, and the last
+    frame the episode's end; an episode longer than `every` x `max_frames` steps is cut there.
+    None where the env cannot render to an array.
     """
     if "rgb_array" not in env.metadata.get("render_modes", []):
         return None
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame draws off-screen; no display here
     observations, _ = env.reset(seed=seed)
-    frames, done, t = [], False, 0
+    frames, step, episode_return, done = [], 0, 0.0, False
     while not done and len(frames) < max_frames:
-        if t % every == 0:
-            frames.append(Image.fromarray(env.render()[0]).reduce(2))
+        if step % every == 0:
+            frames.append(captioned(env.render()[0], step, episode_return))
         actions = policy(torch.as_tensor(observations)).argmax(dim=1).numpy()
-        observations, _, terminated, truncated, _ = env.step(actions)
-        done, t = bool(terminated[0] or truncated[0]), t + 1
+        observations, rewards, terminated, truncated, _ = env.step(actions)
+        step, episode_return, done = step + 1, episode_return + float(rewards[0]), bool(terminated[0] or truncated[0])
+    frames.append(captioned(env.render()[0], step, episode_return))
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=40 * every, loop=0)
     return path
+
+
+def captioned(frame: np.ndarray, step: int, episode_return: float) -> Image.Image:
+    image = Image.fromarray(frame)
+    if image.width >= 400:  # halve big renders (CartPole's 600x400); Atari's 160x210 stays
+        image = image.reduce(2)
+    ImageDraw.Draw(image).text((4, 2), f"step {step}  return {episode_return:g}", fill=(200, 0, 0))
+    return image

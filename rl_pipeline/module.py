@@ -1,6 +1,7 @@
 """The LightningModule: one training_step is one DQN iteration, one validation is a greedy evaluation."""
 
 import copy
+import math
 import time
 
 import numpy as np
@@ -14,7 +15,13 @@ from rl_pipeline.collectors import Collector
 from rl_pipeline.evaluation import Evaluator, Score
 from rl_pipeline.losses import DQNLoss
 from rl_pipeline.networks import update_target
+from rl_pipeline.schedule import Schedule
 from rl_pipeline.transforms import policy_input
+
+
+def mean64(values) -> torch.Tensor:
+    """The mean of float32 measurements, taken in float64."""
+    return torch.stack(list(values)).double().mean()
 
 
 class TrainingDiverged(RuntimeError):
@@ -31,6 +38,7 @@ class DQNModule(pl.LightningModule):
         optimizer: torch.optim.Optimizer,
         transforms: list,
         evaluator: Evaluator,
+        schedule: Schedule,
         updates_per_iteration: int,
         target_sync_interval_updates: int,
         target_sync_tau: float,
@@ -44,7 +52,7 @@ class DQNModule(pl.LightningModule):
         self.policy_input = policy_input(transforms)
         self.loss_fn, self.buffer, self.collector = loss_fn, buffer, collector
         self.optimizer, self.transforms = optimizer, transforms
-        self.evaluator = evaluator
+        self.evaluator, self.schedule = evaluator, schedule
         self.updates_per_iteration = updates_per_iteration
         self.target_sync_interval_updates = target_sync_interval_updates
         self.target_sync_tau = target_sync_tau
@@ -80,6 +88,9 @@ class DQNModule(pl.LightningModule):
             restore_rng_states(self._resumed_rng_states)
             self._resumed_rng_states = None
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["env_steps"] = self.collector.env_steps  # every checkpoint's, the best's included
+
     def training_state(self) -> dict:
         """Beside Lightning's own state (networks, optimizer, loops): what continuing exactly needs."""
         keep_buffer = self.buffer.nbytes <= self.checkpoint_buffer_max_bytes
@@ -100,19 +111,22 @@ class DQNModule(pl.LightningModule):
         self._resumed_rng_states = state["rng"]
 
     def training_step(self, iteration: int, batch_idx: int) -> None:
-        stats = self.collector.collect(self.policy)
+        stats = self.collector.collect(self.policy, self.schedule.frames(self.collector.env_steps))
         self.refresh_policy_input()  # now with this iteration's observations
         online, target = self.policy, self.target_policy
-        losses, q_values = [], []
+        updates = []
         if not self.collector.warming_up:
             for _ in range(self.updates_per_iteration):
-                out = self.update(online, target, self.buffer.sample(self.collector.env_steps).to(self.device))
-                losses.append(out.loss.detach())
-                q_values.append(out.q_taken.mean())
-        self.log_iteration(stats, losses, q_values)
+                updates.append(self.update(online, target, self.buffer.sample(self.collector.env_steps).to(self.device)))
+        self.log_iteration(stats, updates)
+        if self.collector.env_steps >= self.schedule.max_env_steps:
+            self.trainer.should_stop = True  # budget spent; Lightning evaluates once more before it stops
 
     def update(self, online: nn.Module, target: nn.Module, batch):
-        """One gradient step on the TD loss of `batch`; writes its TD errors back as priorities; syncs θ⁻ on schedule."""
+        """One gradient step on the TD loss of `batch`; writes its TD errors back as priorities; syncs θ⁻ on schedule.
+
+        Returns the loss's output and the gradient's norm before clipping.
+        """
         optimizer = self.optimizers()
         out = self.loss_fn(online, target, batch)
         if not torch.isfinite(out.loss):
@@ -121,35 +135,43 @@ class DQNModule(pl.LightningModule):
             )
         optimizer.zero_grad()
         self.manual_backward(out.loss)
-        if self.max_grad_norm is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        max_norm = math.inf if self.max_grad_norm is None else self.max_grad_norm  # inf: measured, never clipped
+        grad_norm = nn.utils.clip_grad_norm_(self.q_network.parameters(), max_norm)
         optimizer.step()
         self.buffer.update_priorities(batch.indices, out.td_error)
         self.num_updates += 1
         if self.num_updates % self.target_sync_interval_updates == 0:
             update_target(self.target_network, self.q_network, self.target_sync_tau)
-        return out
+        return out, grad_norm
 
-    def log_iteration(self, stats, losses, q_values) -> None:
+    def log_iteration(self, stats, updates: list) -> None:
         env_steps = self.collector.env_steps
         now = time.perf_counter()
         then, steps_then = self._clock
         self._clock = (now, env_steps)
-        metrics = {"train/epsilon": self.collector.epsilon, "perf/env_steps_per_sec": (env_steps - steps_then) / (now - then)}
+        metrics = {"train/epsilon": self.collector.epsilon, "train/lr": self.optimizer.param_groups[0]["lr"]}
         if stats.episode_returns:
             metrics["train/episode_return"] = float(np.mean(stats.episode_returns))
-        if losses:
-            metrics["train/loss"] = torch.stack(losses).mean()
-            metrics["train/q_mean"] = torch.stack(q_values).mean()
-        # Lightning sends a logged "step" to the loggers as the x-axis: env steps, not batches.
-        self.log_dict({**metrics, "step": float(env_steps)}, batch_size=1)
-        bar = {"env_steps": float(env_steps), "steps/s": metrics["perf/env_steps_per_sec"]}
+            metrics["train/episode_length"] = float(np.mean(stats.episode_lengths))
+        if updates:  # warm-up iterations do no update: their steps/s would dwarf the rest
+            outs, grad_norms = zip(*updates)
+            metrics["train/loss"] = mean64([out.loss.detach() for out in outs])
+            metrics["train/q_mean"] = mean64([out.q_taken.mean() for out in outs])
+            metrics["train/grad_norm"] = mean64(grad_norms)
+            metrics["perf/env_steps_per_sec"] = (env_steps - steps_then) / (now - then)
+        self.log_measured(metrics)
+        bar = {"env_steps": float(env_steps), "steps/s": (env_steps - steps_then) / (now - then)}
         if stats.episode_returns:
             bar["return"] = metrics["train/episode_return"]
         self.log_dict(bar, prog_bar=True, logger=False, batch_size=1)
 
+    def log_measured(self, metrics: dict) -> None:
+        """`metrics` at this env step, in float64: self.log would make them float32 (247.15 -> 247.14999389648438)."""
+        # Lightning sends a logged "step" to the loggers as the x-axis: env steps, not batches.
+        metrics = {**metrics, "step": self.collector.env_steps}
+        self.log_dict({key: torch.as_tensor(value, dtype=torch.float64) for key, value in metrics.items()}, batch_size=1)
+
     def validation_step(self, batch, batch_idx: int) -> None:
         score = Score.of(self.evaluator(self.policy))
-        metrics = {**score.metrics("eval"), "step": float(self.collector.env_steps)}
-        # float64, as measured: stopping and checkpoint selection compare these against solved_return.
-        self.log_dict({key: torch.tensor(value, dtype=torch.float64) for key, value in metrics.items()}, batch_size=1)
+        # Stopping and checkpoint selection compare these against solved_return, as measured.
+        self.log_measured(score.metrics("eval"))

@@ -5,15 +5,16 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import mlflow
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from mlflow.entities import RunStatus
+from mlflow.entities import Metric, Param, RunStatus
 from omegaconf import DictConfig, OmegaConf
 
-from rl_pipeline import compare, tracking
+from rl_pipeline import compare, tracking, ui
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +38,23 @@ class MLflowSweep(Callback):
         overrides = list(config.hydra.overrides.task)
         keys = swept_keys(overrides, OmegaConf.select(config, "hydra.sweeper.params"))
         swept = [o for o in overrides if tracking.override_key(o) in keys]  # empty for a sweeper's search space
+        experiment_id = tracking.experiment_id(config.logger.experiment_name, uri)
         parent = client.create_run(
-            tracking.experiment_id(config.logger.experiment_name, uri),
+            experiment_id,
             run_name="sweep " + (" ".join(swept) or "over " + ", ".join(keys)),
-            tags={"overrides": " ".join(overrides), "sweep_role": "parent"},
+            tags={"overrides": " ".join(overrides), "sweep_role": "parent", compare.SWEPT_KEYS_TAG: json.dumps(keys)},
         )
         self.parent_run_id, self.swept_keys = parent.info.run_id, keys
         client.set_tag(self.parent_run_id, "sweep_id", self.parent_run_id)
+        ui.save_sweep_view(client, experiment_id, self.parent_run_id, keys)
         os.environ[tracking.SWEEP_ENV] = json.dumps({"parent_run_id": self.parent_run_id, "swept_keys": keys})
         # Hydra skips on_multirun_end when a job raises or the sweep is interrupted: never leave the parent RUNNING.
         atexit.register(self.close_if_open, client)
-        log.info("MLflow sweep %s: child runs nest under it", self.parent_run_id)
+        log.info("MLflow sweep %s: child runs nest under it; watch them at %s", self.parent_run_id, self.link(uri, experiment_id))
+
+    def link(self, uri: str, experiment_id: str) -> str:
+        page = ui.runs_link(ui.ui_address(uri), experiment_id, ui.sweep_view_key(self.parent_run_id))
+        return ui.where_to_look(uri, page)
 
     def close_if_open(self, client: mlflow.MlflowClient) -> None:
         if client.get_run(self.parent_run_id).info.status == "RUNNING":
@@ -55,29 +62,54 @@ class MLflowSweep(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         os.environ.pop(tracking.SWEEP_ENV, None)
-        client = tracking.client(tracking.tracking_uri())
+        uri = tracking.tracking_uri()
+        client = tracking.client(uri)
         parent = client.get_run(self.parent_run_id)
         children = compare.sweep_children(client, parent)
+        client.log_batch(self.parent_run_id, params=shared_params(children))
         finished = [run for run in children if run.info.status == "FINISHED"]
         if finished:
-            report = Path(config.hydra.sweep.dir) / "comparison"
-            for path in compare.write_report(client, finished, report, parent.info.run_name):
-                client.log_artifact(self.parent_run_id, str(path), "comparison")
-            self.tag_best(client, finished)
+            self.summarize(client, children, Path(config.hydra.sweep.dir) / "comparison", parent)
         failed = [run for run in children if run.info.status != "FINISHED"]
         ok = children and not failed
         client.set_terminated(self.parent_run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
         atexit.unregister(self.close_if_open)
+        print(f"MLflow sweep {self.parent_run_id}: {len(finished)} of {len(children)} runs finished; "
+              f"compare at {self.link(uri, parent.info.experiment_id)}")
         if failed:  # the other jobs ran and are compared; the sweep as a whole did not succeed
             print(f"Sweep {self.parent_run_id}: {len(failed)} of {len(children)} jobs failed:", file=sys.stderr)
             for run in failed:
                 print(f"  {run.info.run_name}: {run.data.tags.get(tracking.ERROR_TAG, run.info.status)}", file=sys.stderr)
             sys.exit(1)
 
-    def tag_best(self, client: mlflow.MlflowClient, runs: list) -> None:
-        """The best job's run id, test return and swept params, as tags of the parent."""
-        best = max(runs, key=lambda run: run.data.metrics.get(compare.RESULT_METRIC, float("-inf")))
-        client.set_tag(self.parent_run_id, "best_run_id", best.info.run_id)
-        client.set_tag(self.parent_run_id, "best_test_return", best.data.metrics.get(compare.RESULT_METRIC))
+    def summarize(self, client: mlflow.MlflowClient, children: list, directory: Path, parent) -> None:
+        """The comparison as the parent's artifacts; the sweep's and its best configuration's scores as its metrics."""
+        keys = compare.configuration_keys(parent, children)
+        report = compare.write_report(client, children, keys, directory, parent.info.run_name)
+        for path in report.paths:
+            client.log_artifact(self.parent_run_id, str(path), "comparison")
+        scored = [row for row in report.runs if row.scored]
+        if not scored:
+            return
+        best = report.configurations[0]
+        metrics = {**compare.ConfigurationRow.of("sweep", scored).metrics("sweep"), **best.metrics("best")}
+        client.log_batch(self.parent_run_id, metrics=[Metric(key, value, now_ms(), 0) for key, value in metrics.items()])
+        best_run = max((row for row in scored if row.configuration == best.configuration), key=lambda row: row.test_return)
+        client.set_tag(self.parent_run_id, "best_configuration", best.configuration)
+        client.set_tag(self.parent_run_id, "best_run_id", best_run.run_id)
+        client.set_tag(self.parent_run_id, "best_test_return", best_run.test_return)
+        best_params = next(run for run in children if run.info.run_id == best_run.run_id).data.params
         for key in self.swept_keys:
-            client.set_tag(self.parent_run_id, f"best.{key}", best.data.params.get(key))
+            client.set_tag(self.parent_run_id, f"best.{key}", best_params.get(key))
+
+
+def shared_params(children: list) -> list[Param]:
+    """The settings every job of the sweep shares: the parent's params."""
+    configs = [run.data.params for run in children if run.data.params]
+    if not configs:
+        return []
+    return [Param(key, value) for key, value in sorted(configs[0].items()) if all(c.get(key) == value for c in configs)]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)

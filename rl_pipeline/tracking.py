@@ -3,6 +3,7 @@
 import fcntl
 import json
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -34,6 +35,11 @@ SERVER_SCHEMES = ("http", "https")
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # SQLAlchemy's, with or without +driver
 SQLITE_HEADER = b"SQLite format 3\x00"
 ERROR_TAG = "error"  # on a FAILED run: the one line that said why
+SYSTEM_METRICS_INTERVAL_S = 5
+# How a run is watched and where it writes, not what it trains: no params (config.yaml has them).
+NOT_SETTINGS = (
+    "paths.", "logger.", "resume", "trainer.lightning.enable_progress_bar", "trainer.lightning.enable_model_summary",
+)
 
 
 class TrackingLost(Exception):
@@ -118,9 +124,40 @@ def flatten(config: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def params(cfg: DictConfig) -> dict[str, str]:
-    """The run's params: the resolved config under dotted keys, as MLflow stores them (strings)."""
+def resolved_config(cfg: DictConfig) -> dict[str, str]:
+    """The whole resolved config under dotted keys, as strings: what a checkpoint was trained with."""
     return {key: str(value) for key, value in flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
+
+
+def params(cfg: DictConfig) -> dict[str, str]:
+    """The run's params: the settings a user sets or sweeps, under the keys one types as overrides.
+
+    The config groups' options (`env=cartpole`, `experiment=dqn`) and every value set in the config,
+    but no `_target_`/`_partial_`, no copy of another key (`collector.seed: ${seed}`), and nothing of
+    how the run is watched or where it writes (`config.yaml` holds the whole resolved config).
+    """
+    written = flatten(OmegaConf.to_container(cfg, resolve=False))
+    resolved = resolved_config(cfg)
+    settings = {key: resolved[key] for key, value in written.items() if is_setting(key, value)}
+    return {**group_options(), **settings}
+
+
+def is_setting(key: str, value) -> bool:
+    copied = isinstance(value, str) and "${" in value
+    empty = value == {}  # an empty group, e.g. transforms=none: its option says it
+    return not (copied or empty or key.rsplit(".", 1)[-1].startswith("_") or key.startswith(NOT_SETTINGS))
+
+
+def group_options() -> dict[str, str]:
+    """The option chosen in each of the project's config groups, e.g. {"network": "mlp"}; Hydra's own left out."""
+    if not HydraConfig.initialized():
+        return {}
+    choices = HydraConfig.get().runtime.choices
+    return {
+        group: str(option)
+        for group, option in choices.items()
+        if "/" not in group and option is not None and not f"{group}.".startswith(NOT_SETTINGS)
+    }
 
 
 def task_overrides() -> list[str]:
@@ -131,10 +168,13 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def run_name(overrides: list[str]) -> str:
-    """`+experiment=dqn seed=1` -> `experiment=dqn,seed=1`; the last key part keeps names short."""
-    parts = [(override_key(o), o.split("=", 1)[1]) for o in overrides if "=" in o]
-    return ",".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in parts) or "defaults"
+def run_name(cfg: DictConfig, overrides: list[str]) -> str:
+    """`CartPole-v1 experiment=dqn seed=1 3f9a0c`: the env, the overrides (seed last) and 6 random hex digits.
+
+    Repeats of one command differ in their last part; a sweep's jobs in what the sweep varies.
+    """
+    settings = [override.lstrip("+~") for override in overrides if override_key(override) not in ("seed", "env.id")]
+    return " ".join([str(cfg.env.id), *settings, f"seed={cfg.seed}", secrets.token_hex(3)])
 
 
 def current_sweep() -> dict | None:
@@ -185,6 +225,13 @@ def client(uri: str) -> mlflow.MlflowClient:
         return mlflow.MlflowClient(uri)
 
 
+def run_or_none(client: mlflow.MlflowClient, run_id: str):
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        return None
+
+
 def experiment_id(name: str, uri: str) -> str:
     """The experiment's id, creating it under the store's lock (two creators would race)."""
     with store_lock(uri):
@@ -203,7 +250,7 @@ def new_run_name_and_tags(cfg: DictConfig) -> tuple[str, dict[str, str]]:
     if sweep:
         tags |= {"mlflow.parentRunId": sweep["parent_run_id"], "sweep_id": sweep["parent_run_id"]}
         overrides = [o for o in overrides if override_key(o) in sweep["swept_keys"]]
-    return cfg.logger.run_name or run_name(overrides), tags
+    return cfg.logger.run_name or run_name(cfg, overrides), tags
 
 
 def record_failed_job(cfg: DictConfig, error: str) -> None:
@@ -229,6 +276,9 @@ def mlflow_run(cfg: DictConfig, resume_run_id: str | None = None) -> Iterator[ml
     """
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
+    # CPU, memory, disk and network as system/* metrics, unless MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false.
+    os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
+    os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", str(SYSTEM_METRICS_INTERVAL_S))
     if resume_run_id:
         run = mlflow.start_run(run_id=resume_run_id)
     else:
@@ -308,16 +358,17 @@ class MLFlowLogger(pytorch_lightning.loggers.MLFlowLogger):
         """The status is `mlflow_run`'s to set, once the export is done."""
 
 
-def log_policy(policy: nn.Module) -> None:
+def log_policy(policy: nn.Module, step: int) -> mlflow.models.model.ModelInfo:
     """The greedy policy's Q-function, loadable by `mlflow.pytorch.load_model("runs:/<id>/model")`.
 
     Pickled rather than MLflow 3's default 'pt2' export, which fixes the batch size to the example's.
     The package's code travels with the model, and its requirements are stated rather than inferred
     (inference runs a subprocess that costs seconds).
     """
-    mlflow.pytorch.log_model(
+    return mlflow.pytorch.log_model(
         policy,
         name="model",
+        step=step,
         serialization_format="pickle",
         code_paths=[str(Path(rl_pipeline.__file__).parent)],
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],

@@ -20,7 +20,7 @@ from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from torch import nn
 from torch.utils.data import DataLoader
 
-from rl_pipeline import tracking
+from rl_pipeline import tracking, ui
 from rl_pipeline.checkpoints import (
     CHECKPOINT_TAG,
     LAST,
@@ -41,6 +41,7 @@ from rl_pipeline.envs import (
 )
 from rl_pipeline.evaluation import Evaluator, Score, record_gif, score_policy
 from rl_pipeline.module import DQNModule, TrainingDiverged
+from rl_pipeline.schedule import Schedule
 from rl_pipeline.validation import (
     ConfigError,
     boolean,
@@ -257,6 +258,17 @@ def build_evaluator(cfg: DictConfig, env, transforms: list) -> Evaluator:
     )
 
 
+def build_schedule(cfg: DictConfig, num_envs: int) -> Schedule:
+    """Evaluations and the budget's end fall on whole vector steps, or the run could not keep to them."""
+    for key in ("eval_interval_env_steps", "max_env_steps"):
+        if cfg.trainer[key] % num_envs:
+            raise expected(
+                f"trainer.{key}", f"a multiple of env.num_envs ({num_envs}), the env steps of one vector step",
+                cfg.trainer[key],
+            )
+    return Schedule(cfg.collector.frames_per_iteration, cfg.trainer.eval_interval_env_steps, cfg.trainer.max_env_steps)
+
+
 def build_module(cfg: DictConfig) -> DQNModule:
     """Every part, in data-flow order; all config mistakes surface here, before MLflow or training."""
     transforms = build_transforms(cfg)
@@ -280,6 +292,7 @@ def build_module(cfg: DictConfig) -> DQNModule:
         optimizer=build_optimizer(cfg, q_network.parameters()),
         transforms=transforms,
         evaluator=build_evaluator(cfg, env, transforms),
+        schedule=build_schedule(cfg, env.num_envs),
         updates_per_iteration=cfg.trainer.updates_per_iteration,
         target_sync_interval_updates=cfg.trainer.target_sync_interval_updates,
         target_sync_tau=cfg.trainer.target_sync_tau,
@@ -321,14 +334,9 @@ def build_callbacks(cfg: DictConfig, module: DQNModule, checkpoints: list[pl.Cal
     return callbacks
 
 
-def num_iterations(cfg: DictConfig) -> int:
-    """Training steps (collect, then update) that spend the env-step budget."""
-    return math.ceil(cfg.trainer.max_env_steps / cfg.collector.frames_per_iteration)
-
-
 def build_trainer(cfg: DictConfig, module: DQNModule, checkpoints: list[pl.Callback]) -> pl.Trainer:
     """Lightning's Trainer, built before the MLflow run exists so that a bad argument opens no run."""
-    frames, iterations = cfg.collector.frames_per_iteration, num_iterations(cfg)
+    schedule = module.schedule
     return build(
         cfg.trainer.lightning,
         "trainer.lightning",
@@ -336,12 +344,12 @@ def build_trainer(cfg: DictConfig, module: DQNModule, checkpoints: list[pl.Callb
         callbacks=build_callbacks(cfg, module, checkpoints),
         plugins=[AtomicCheckpointIO()],
         default_root_dir=cfg.paths.output_dir,
-        val_check_interval=min(iterations, max(1, cfg.trainer.eval_interval_env_steps // frames)),
+        val_check_interval=min(schedule.iterations, schedule.iterations_per_eval),
         **FIXED_TRAINER_ARGS,
     )
 
 
-def fit(trainer: pl.Trainer, module: DQNModule, cfg: DictConfig, resume_path: Path | None, last: Path) -> None:
+def fit(trainer: pl.Trainer, module: DQNModule, resume_path: Path | None, last: Path) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*", PossibleUserWarning)
         # The dataloader only counts iterations; the checkpoint holds the data (buffer, envs).
@@ -350,7 +358,7 @@ def fit(trainer: pl.Trainer, module: DQNModule, cfg: DictConfig, resume_path: Pa
         try:
             trainer.fit(
                 module,
-                train_dataloaders=DataLoader(range(num_iterations(cfg)), batch_size=None),
+                train_dataloaders=DataLoader(range(module.schedule.iterations), batch_size=None),
                 val_dataloaders=DataLoader(range(1), batch_size=None),
                 ckpt_path=resume_path,
                 weights_only=False,  # our own checkpoints: they hold the buffer and the envs' state
@@ -368,52 +376,58 @@ def restore_trained(module: DQNModule, best: ModelCheckpoint, path: Path) -> Non
     best.load_state_dict(checkpoint["callbacks"][best.state_key])
 
 
-def export_best(module: DQNModule, checkpoint_path: str) -> nn.Module:
-    """Log the best checkpoint's policy as the MLflow model, and return it.
+def export_best(module: DQNModule, checkpoint_path: str) -> tuple[nn.Module, str, int]:
+    """Log the best checkpoint's policy as the MLflow model, stepped by the env steps it was taken at.
 
-    When the run stops solved, the best checkpoint is the evaluation that stopped it. Every run
-    evaluates at least once (at its end), so there is always one.
+    Returns the policy, its MLflow model id and those env steps. When the run stops solved, the best
+    checkpoint is the evaluation that stopped it. Every run evaluates at least once (at its end).
     """
-    module.load_state_dict(read_checkpoint(checkpoint_path, weights_only=True)["state_dict"])
+    checkpoint = read_checkpoint(checkpoint_path, weights_only=True)
+    module.load_state_dict(checkpoint["state_dict"])
     mlflow.log_artifact(checkpoint_path, "checkpoints")
     policy = module.policy.cpu().eval()
-    tracking.log_policy(policy)
-    return policy
+    model = tracking.log_policy(policy, step=checkpoint["env_steps"])
+    return policy, model.model_id, checkpoint["env_steps"]
 
 
 def export(cfg: DictConfig, module: DQNModule, best: ModelCheckpoint, last: Path, started: float) -> Score:
     """Everything a run promises once trained: checkpoints, the best policy, its test score, plots."""
     log.info("Exporting to MLflow run %s: checkpoints, policy, test score, plots", mlflow.active_run().info.run_id)
     mlflow.log_artifact(str(last), "checkpoints")
-    policy = export_best(module, best.best_model_path)
-    solved = module.evaluator.solved(float(best.best_model_score))
-    return log_results(cfg, module, policy, solved, started)
-
-
-def log_results(cfg: DictConfig, module: DQNModule, policy: nn.Module, solved: bool, started: float) -> Score:
-    """The run's test score and summary metrics, learning curve and episode GIF; returns the test score.
-
-    A resumed export logs only the metrics that the run does not hold yet.
-    """
-    run_id = mlflow.active_run().info.run_id
-    output_dir = Path(cfg.paths.output_dir)
-    t = cfg.trainer
-    log.info("Testing the exported policy on %d episodes, seeds from %d", t.test_episodes, t.test_seed)
-    score = score_policy(policy, eval_env_maker(cfg, module.transforms), t.test_episodes, t.test_seed)
+    policy, model_id, policy_env_steps = export_best(module, best.best_model_path)
+    log.info("Testing the exported policy on %d episodes, seeds from %d", cfg.trainer.test_episodes, cfg.trainer.test_seed)
+    score = score_policy(policy, eval_env_maker(cfg, module.transforms), cfg.trainer.test_episodes, cfg.trainer.test_seed)
     env_steps = module.collector.env_steps
-    summary = {**score.metrics("test"), "final/env_steps": env_steps}
-    if solved:
-        summary["final/solved_env_steps"] = env_steps
-    summary["final/wall_seconds"] = time.perf_counter() - started
-    logged = mlflow.get_run(run_id).data.metrics
-    mlflow.log_metrics({key: value for key, value in summary.items() if key not in logged}, step=env_steps)
-    tracking.log_learning_curve(run_id, output_dir)
+    # The policy's own metrics go with its model too, so that the Models tab ranks policies.
+    log_new_metrics({**score.metrics("test"), "final/policy_env_steps": policy_env_steps}, model_id=model_id)
+    run_metrics = {"final/env_steps": env_steps, "final/wall_seconds": time.perf_counter() - started}
+    if module.evaluator.solved(float(best.best_model_score)):
+        run_metrics["final/solved_env_steps"] = env_steps
+    log_new_metrics(run_metrics)
+    log_plots(cfg, module, policy)
+    return score
+
+
+def log_new_metrics(metrics: dict[str, float], model_id: str | None = None) -> None:
+    """One value each, at step 0 (MLflow's UI charts such metrics as bars, not as one-dot lines).
+
+    A resumed export logs only those that the run does not hold yet.
+    """
+    logged = mlflow.get_run(mlflow.active_run().info.run_id).data.metrics
+    mlflow.log_metrics({key: value for key, value in metrics.items() if key not in logged}, step=0, model_id=model_id)
+
+
+def log_plots(cfg: DictConfig, module: DQNModule, policy: nn.Module) -> None:
+    """The learning curve and a GIF of one whole greedy episode."""
+    output_dir = Path(cfg.paths.output_dir)
+    tracking.log_learning_curve(mlflow.active_run().info.run_id, output_dir)
     render_env = build_env(cfg, module.transforms, num_envs=1, vectorization_mode="sync", render_mode="rgb_array")
-    gif = record_gif(policy, render_env, output_dir / "episode.gif", seed=cfg.trainer.eval_seed)
-    render_env.close()
+    try:
+        gif = record_gif(policy, render_env, output_dir / "episode.gif", seed=cfg.trainer.eval_seed)
+    finally:
+        render_env.close()
     if gif is not None:
         mlflow.log_artifact(str(gif))
-    return score
 
 
 def train(cfg: DictConfig) -> float:
@@ -429,7 +443,7 @@ def train(cfg: DictConfig) -> float:
     tracking.bound_server_wait(cfg.logger.server_timeout_s)
     resume = None
     if cfg.resume is not None:
-        resume = find_resume_checkpoint(cfg.resume, tracking.params(cfg), cfg.logger.experiment_name, uri)
+        resume = find_resume_checkpoint(cfg.resume, tracking.resolved_config(cfg), cfg.logger.experiment_name, uri)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(cfg)
     # A resumed run keeps writing where it started, so Lightning restores its callbacks' state.
@@ -437,7 +451,7 @@ def train(cfg: DictConfig) -> float:
     best = ModelCheckpoint(
         dirpath=checkpoint_dir, filename="best-{step}", monitor=STOP_METRIC, mode="max", save_weights_only=True
     )
-    last = ResumableCheckpoint(checkpoint_dir, cfg.trainer.checkpoint_interval_env_steps, tracking.params(cfg))
+    last = ResumableCheckpoint(checkpoint_dir, cfg.trainer.checkpoint_interval_env_steps, tracking.resolved_config(cfg))
     trainer = build_trainer(cfg, module, [best, last])
 
     # One process per run (a second resume is refused); from the run's creation on, SIGTERM ends it KILLED.
@@ -455,12 +469,13 @@ def train(cfg: DictConfig) -> float:
                 restore_trained(module, best, resume.path)
             else:
                 with sigterm.lightning_fit():
-                    fit(trainer, module, cfg, resume and resume.path, last.path)
+                    fit(trainer, module, resume and resume.path, last.path)
             score = export(cfg, module, best, last.path, started)
 
+    page = ui.run_link(ui.ui_address(uri), run.info.experiment_id, run_id)
     print(
         f"MLflow run {run_id}: test return {score} on held-out seeds, "
         f"{module.collector.env_steps} env steps, {time.perf_counter() - started:.1f} s wall, "
-        f"store {uri}"
+        f"store {uri}, open {ui.where_to_look(uri, page)}"
     )
     return score.mean

@@ -20,8 +20,8 @@ from rl_pipeline.evaluation import Score
 from rl_pipeline.transforms import ObservationNormalizer
 
 METRICS = {
-    "train/episode_return", "train/loss", "train/q_mean", "train/epsilon",
-    "eval/return_mean", "eval/return_std", "perf/env_steps_per_sec",
+    "train/episode_return", "train/episode_length", "train/loss", "train/q_mean", "train/grad_norm", "train/lr",
+    "train/epsilon", "eval/return_mean", "eval/return_std", "eval/return_lower_bound", "perf/env_steps_per_sec",
 }
 
 
@@ -42,6 +42,8 @@ def test_writes_one_finished_run_and_a_summary_line(tiny_run):
     summary = [line for line in result.stdout.splitlines() if line.startswith("MLflow run ")]
     assert summary == [summary[0]] and run.info.run_id in summary[0]
     assert "1024 env steps" in summary[0] and "test return" in summary[0] and uri in summary[0]
+    page = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
+    assert summary[0].endswith(f"open {page} (once `python -m rl_pipeline.ui` serves it)")
 
 
 def test_the_result_is_the_logged_policys_score_on_held_out_seeds(tiny_run):
@@ -76,9 +78,9 @@ def test_evaluate_plays_the_episodes_and_seeds_asked_for_and_writes_a_video(tiny
     policy = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
     returns = np.array([greedy_episode_return(policy, seed) for seed in range(55, 62)])
     assert f"return {Score.of(returns)}, seeds 55 .. 61" in result.stdout
-    with Image.open(tmp_path / "episode.gif") as gif:  # the whole first episode: every second step, 80 ms each
+    with Image.open(tmp_path / "episode.gif") as gif:  # the whole first episode: every second step and the end, 80 ms each
         duration = sum(frame.info["duration"] for frame in ImageSequence.Iterator(gif))
-    assert duration == 80 * math.ceil(returns[0] / 2)
+    assert duration == 80 * (math.ceil(returns[0] / 2) + 1)
     assert "Downloading" not in result.stderr
 
 
@@ -94,18 +96,18 @@ def test_evaluate_says_what_is_wrong_in_one_line(tiny_run, tmp_path, args):
     assert result.stderr.startswith("evaluate: ") and result.stderr.count("\n") == 1, result.stderr
 
 
-def test_params_are_the_resolved_config_under_dotted_keys(tiny_run):
+def test_params_are_the_settings_under_dotted_keys_and_the_groups_options(tiny_run):
     _, run, _, _ = tiny_run
     params = run.data.params
-    assert params["seed"] == "3"
-    assert params["env.id"] == "CartPole-v1"
-    assert params["optimizer.lr"] == "0.0023"
-    assert params["collector.max_env_steps"] == "1024"  # interpolations are resolved
+    assert params["seed"] == "3" and params["experiment"] == "dqn" and params["env"] == "cartpole"
+    assert params["env.id"] == "CartPole-v1" and params["optimizer.lr"] == "0.0023"
+    assert params["trainer.max_env_steps"] == "1024" and "collector.max_env_steps" not in params  # a copy of it
     assert params["network.hidden_sizes"] == "[256, 256]"
+    assert not [key for key in params if key.startswith(("paths.", "logger.")) or key.endswith("_target_")]
     assert run.data.tags["overrides"].startswith("+experiment=dqn seed=3")
 
 
-def test_metrics_are_stepped_by_env_steps(tiny_run):
+def test_metrics_are_stepped_by_env_steps_and_results_are_one_value_each(tiny_run):
     _, run, client, _ = tiny_run
     assert METRICS <= set(run.data.metrics)
     assert run.data.metrics["final/env_steps"] == 1024 and "test/return_mean" in run.data.metrics
@@ -113,6 +115,20 @@ def test_metrics_are_stepped_by_env_steps(tiny_run):
     assert epsilon_steps == list(range(256, 1025, 256))  # one point per iteration of 256 frames
     eval_steps = [m.step for m in client.get_metric_history(run.info.run_id, "eval/return_mean")]
     assert eval_steps == [512, 1024]
+    for key in [key for key in run.data.metrics if key.startswith(("test/", "final/"))]:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0], f"{key}: one value, at step 0"
+
+
+def test_the_logged_model_carries_its_test_score_and_the_env_step_it_was_taken_at(tiny_run):
+    _, run, client, _ = tiny_run
+    (model,) = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert model.source_run_id == run.info.run_id and model.name == "model"
+    metrics = {m.key: m.value for m in model.metrics}
+    for key in ("test/return_mean", "test/return_std", "test/return_lower_bound", "final/policy_env_steps"):
+        assert metrics[key] == run.data.metrics[key]
+    best = [m for m in client.get_metric_history(run.info.run_id, "eval/return_lower_bound")]
+    taken_at = max(best, key=lambda m: m.value).step  # the best checkpoint's evaluation (the first, on a tie)
+    assert metrics["final/policy_env_steps"] == taken_at
 
 
 def test_artifacts_hold_config_plots_and_checkpoints(tiny_run):
@@ -153,7 +169,8 @@ def test_logged_model_carries_the_frozen_observation_normalization(tmp_path, tra
 def test_interrupted_run_saves_a_checkpoint_ends_killed_and_resumes_to_finished(
     tmp_path, tracking_uri, signum, exit_code, resume_by, keep_buffer
 ):
-    budget = ("trainer.max_env_steps=25600", "trainer.stop_when_solved=false", "trainer.checkpoint_interval_env_steps=2560")
+    budget = ("trainer.max_env_steps=25600", "trainer.stop_when_solved=false", "trainer.checkpoint_interval_env_steps=2560",
+              "trainer.eval_interval_env_steps=2560")  # iterations of 256 env steps, all whole
     if not keep_buffer:
         budget += ("trainer.checkpoint_buffer_max_mb=0",)
     process = subprocess.Popen(

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
+from scipy import stats
 
-from rl_pipeline.compare import aggregate, interquartile_mean, on_grid
+from rl_pipeline.compare import SUMMARY_METRICS, RunRow, aggregate, configuration_rows, interquartile_mean, on_grid
 from rl_pipeline.sweeps import swept_keys
 
 
@@ -35,3 +36,28 @@ def test_swept_keys_are_the_sweep_overrides_and_the_sweepers_params():
     overrides = ["+experiment=dqn", "seed=0,1,2", "optimizer.lr=1e-3,3e-4", "trainer.max_env_steps=5000"]
     assert swept_keys(overrides, None) == ["seed", "optimizer.lr"]
     assert swept_keys(["+experiment=dqn"], {"buffer.batch_size": "choice(64, 128)"}) == ["buffer.batch_size"]
+
+
+def run_row(run_id: str, configuration: str, test_return: float, solved_env_steps=None, status="FINISHED") -> RunRow:
+    return RunRow(run_id, run_id, configuration, "0", test_return, solved_env_steps, 10.0, status)
+
+
+def test_a_configuration_row_holds_its_seeds_mean_spread_interval_solved_fraction_and_median_steps():
+    rows = [
+        run_row("a", "lr=1", 500.0, 20_000), run_row("b", "lr=1", 470.0, 30_000), run_row("c", "lr=1", 440.0),
+        run_row("d", "lr=1", 499.0, 40_000), run_row("e", "lr=2", 200.0), run_row("f", "lr=2", None, status="FAILED"),
+    ]
+    best, other = configuration_rows(rows)
+    assert (best.configuration, best.runs, best.run_ids) == ("lr=1", 4, "a b c d")
+    assert best.test_return_mean == np.mean([500, 470, 440, 499])
+    assert best.test_return_std == pytest.approx(np.std([500, 470, 440, 499], ddof=1))
+    half_width = stats.t.ppf(0.975, 3) * best.test_return_std / 2  # n = 4 seeds
+    mean = best.test_return_mean
+    assert (best.ci_low, best.ci_high) == pytest.approx((mean - half_width, mean + half_width))
+    assert best.solved_fraction == 0.75 and best.median_solved_env_steps == 30_000  # over the three that solved
+    # One finished run: no interval, no median; the failed run is in no configuration row.
+    assert (other.configuration, other.runs, other.ci_low, other.median_solved_env_steps) == ("lr=2", 1, None, None)
+    assert other.metrics("best") == {
+        "best/test_return_mean": 200.0, "best/test_return_std": 0.0, "best/solved_fraction": 0.0, "best/runs": 1.0,
+    }
+    assert set(best.metrics("sweep")) == {f"sweep/{name}" for name in SUMMARY_METRICS}

@@ -40,6 +40,11 @@ CASES = [
     (("trainer.test_seed=999901",), "trainer.test_seed: expected test seeds apart from evaluation's"),
     (("trainer.test_seed=4294967290",), "trainer.test_seed: expected seeds up to 4294967295"),
     (("trainer.test_episodes=0",), "trainer.test_episodes: expected a positive integer"),
+    # Evaluations and the budget's end must fall on whole vector steps of env.num_envs (4) env steps.
+    (("trainer.eval_interval_env_steps=2001",),
+     "trainer.eval_interval_env_steps: expected a multiple of env.num_envs (4), the env steps of one vector step, "
+     "got 2001"),
+    (("trainer.max_env_steps=1026",), "trainer.max_env_steps: expected a multiple of env.num_envs (4)"),
     # One step can end an episode in every sub-env, each releasing n_step transitions at once.
     (("collector.n_step=3", "buffer.capacity=11", "buffer.batch_size=8"),
      "buffer.capacity: expected at least collector.n_step x env.num_envs (12)"),

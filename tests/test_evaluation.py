@@ -74,7 +74,6 @@ def test_a_score_holds_mean_sample_std_bound_and_count():
     assert score.lower_bound == mean_lower_bound(returns)
     assert score.metrics("test") == {
         "test/return_mean": 30.0, "test/return_std": score.std, "test/return_lower_bound": score.lower_bound,
-        "test/episodes": 3.0,
     }
 
 

@@ -22,7 +22,7 @@ def test_solves_cartpole_and_its_logged_policy_holds_on_fresh_episodes(tmp_path,
     last_eval = client.get_metric_history(run.info.run_id, "eval/return_lower_bound")[-1]
     assert last_eval.value >= 475, "the budget ran out before the run was solved"
     assert run.data.metrics["final/solved_env_steps"] == run.data.metrics["final/env_steps"]
-    assert run.data.metrics["test/episodes"] == 100 and run.data.metrics["test/return_lower_bound"] >= 475
+    assert run.data.params["trainer.test_episodes"] == "100" and run.data.metrics["test/return_lower_bound"] >= 475
 
     mlflow.set_tracking_uri(tracking_uri)
     policy = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")

@@ -55,7 +55,7 @@ def fit_module(tmp_path, *overrides: str, before_fit=lambda module: None, checkp
     before_fit(module)
     trainer = build_trainer(cfg, module, list(checkpoints))
     trainer.logger = CSVLogger(tmp_path, name="log")
-    fit(trainer, module, cfg, None, tmp_path / "last.ckpt")
+    fit(trainer, module, None, tmp_path / "last.ckpt")
     return module, trainer
 
 
@@ -70,13 +70,13 @@ def record_updates(module, records: list) -> None:
 
     def recording(online, target, batch):
         before = SimpleNamespace(online=parameters(module.q_network), target=parameters(module.target_network))
-        out = update(online, target, batch)
+        out, grad_norm = update(online, target, batch)
         records.append(SimpleNamespace(
             before=before, online=parameters(module.q_network), target=parameters(module.target_network),
-            batch=batch, out=out, num_updates=module.num_updates,
+            batch=batch, out=out, grad_norm=grad_norm, num_updates=module.num_updates, env_steps=module.collector.env_steps,
             priorities=module.buffer.tree[batch.indices.numpy()].copy() if hasattr(module.buffer, "tree") else None,
         ))
-        return out
+        return out, grad_norm
 
     module.update = recording
 
@@ -164,10 +164,10 @@ def test_the_collector_acts_with_the_online_network(tmp_path):
     def before_fit(module):
         collect = module.collector.collect
 
-        def recording(network):
+        def recording(network, frames):
             with torch.no_grad():
                 acting.append([net(observations) for net in (network, module.q_network, module.target_network)])
-            return collect(network)
+            return collect(network, frames)
 
         module.collector.collect = recording
 
@@ -216,22 +216,70 @@ def test_evaluation_scores_the_online_policy_and_logs_its_score_at_its_env_step(
         assert {key: float(row[key]) for key in expected} == expected
 
 
-def test_each_iteration_logs_its_episodes_epsilon_and_loss_at_its_env_step(tmp_path):
-    iterations = []
+def record_collections(module, iterations: list) -> None:
+    """Spy on Collector.collect: the frames each iteration asked for and the episodes it saw end."""
+    collect = module.collector.collect
+
+    def recording(network, frames):
+        stats = collect(network, frames)
+        iterations.append(SimpleNamespace(frames=frames, stats=stats, env_steps=module.collector.env_steps))
+        return stats
+
+    module.collector.collect = recording
+
+
+def test_each_iteration_logs_what_it_measured_at_its_env_step_in_float64(tmp_path):
+    iterations, updates = [], []
 
     def before_fit(module):
-        collect = module.collector.collect
-        module.collector.collect = lambda network: (stats := collect(network), iterations.append(stats))[0]
+        record_collections(module, iterations)
+        record_updates(module, updates)
 
-    module, trainer = fit_module(tmp_path, "collector.epsilon_end=0.3", before_fit=before_fit)
+    module, trainer = fit_module(tmp_path, "collector.epsilon_end=0.3", "optimizer.lr=0.0007", before_fit=before_fit)
     rows = [row for row in logged_rows(trainer) if row.get("train/epsilon")]
     assert [int(row["step"]) for row in rows] == list(range(128, 1025, 128))
-    for i, (row, stats) in enumerate(zip(rows, iterations, strict=True)):
+    for i, (row, iteration) in enumerate(zip(rows, iterations, strict=True)):
+        stats = iteration.stats
         assert float(row["train/epsilon"]) == pytest.approx(1.0 if i < 1 else 0.3)  # warm-up: uniformly random
-        if stats.episode_returns:
-            assert float(row["train/episode_return"]) == pytest.approx(np.mean(stats.episode_returns))
-        assert bool(row["train/loss"]) == (i >= 1), "a loss once updates start, none during warm-up"
-    assert sum(len(s.episode_returns) for s in iterations) > 8, "episodes end in most iterations"
+        assert float(row["train/lr"]) == 0.0007
+        if stats.episode_returns:  # exactly: a float32 on the way would change the digits
+            assert float(row["train/episode_return"]) == np.mean(stats.episode_returns)
+            assert float(row["train/episode_length"]) == np.mean(stats.episode_lengths)
+        its_updates = [u for u in updates if u.env_steps == iteration.env_steps]
+        assert len(its_updates) == (3 if i >= 1 else 0), "updates once warm-up is over"
+        for key in ("train/loss", "train/q_mean", "train/grad_norm", "perf/env_steps_per_sec"):
+            assert bool(row[key]) == bool(its_updates), f"{key}: logged for an iteration that updated, and only then"
+        if its_updates:
+            assert float(row["train/loss"]) == torch.stack([u.out.loss for u in its_updates]).double().mean().item()
+            assert float(row["train/grad_norm"]) == torch.stack([u.grad_norm for u in its_updates]).double().mean().item()
+    assert sum(len(it.stats.episode_returns) for it in iterations) > 8, "episodes end in most iterations"
+
+
+@pytest.mark.parametrize(
+    ("max_env_steps", "eval_interval", "evaluated_at"),
+    [(1000, 300, [300, 600, 900, 1000]), (1024, 512, [512, 1024]), (600, 2000, [600])],
+)
+def test_evaluations_fall_exactly_every_interval_and_the_budget_is_spent_exactly(
+    tmp_path, max_env_steps, eval_interval, evaluated_at
+):
+    iterations, evaluated = [], []
+
+    def before_fit(module):
+        record_collections(module, iterations)
+        evaluate = module.evaluator
+        module.evaluator = lambda policy: (evaluated.append(module.collector.env_steps), evaluate(policy))[1]
+        module.evaluator.solved_return = None
+
+    module, trainer = fit_module(
+        tmp_path, f"trainer.max_env_steps={max_env_steps}", f"trainer.eval_interval_env_steps={eval_interval}",
+        before_fit=before_fit,
+    )
+    assert evaluated == evaluated_at
+    assert module.collector.env_steps == max_env_steps
+    assert all(it.frames <= 128 for it in iterations), "never more than collector.frames_per_iteration"
+    assert [it.env_steps for it in iterations if it.frames < 128] == sorted(set(evaluated_at) - set(range(0, 10**6, 128)))
+    evals = [int(row["step"]) for row in logged_rows(trainer) if row.get("eval/return_mean")]
+    assert evals == evaluated_at
 
 
 def test_gradients_are_clipped_to_max_grad_norm(tmp_path):

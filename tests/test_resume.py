@@ -18,9 +18,10 @@ from rl_pipeline.tracking import MLFlowLogger
 from rl_pipeline.transforms import ClipReward, FrameStack, NormalizeObservation
 from rl_pipeline.validation import ConfigError
 
-# Half the budget is 10,240 env steps; checkpoints every 2,560.
+# Half the budget is 10,240 env steps; checkpoints and evaluations every 2,560, 10 whole iterations.
 RUN = (
     "+experiment=dqn", "seed=0", "trainer.max_env_steps=20480", "trainer.stop_when_solved=false",
+    "trainer.eval_interval_env_steps=2560",
     "trainer.checkpoint_interval_env_steps=2560", "trainer.lightning.enable_progress_bar=false",
 )
 METRICS = ("train/epsilon", "train/loss", "train/q_mean", "train/episode_return", "eval/return_mean", "eval/return_std")
@@ -63,7 +64,7 @@ def test_a_run_killed_at_half_its_budget_resumes_to_the_same_result(tmp_path):
     histories = metric_histories(killed_uri)
     assert 40 <= logged_before_resume < 80  # the kill came after half of the 80 iterations
     assert [step for step, _ in histories["train/epsilon"]] == list(range(256, 20481, 256))
-    assert [step for step, _ in histories["eval/return_mean"]] == list(range(2304, 20481, 2304))
+    assert [step for step, _ in histories["eval/return_mean"]] == list(range(2560, 20481, 2560))
     # Buffer, envs and RNGs restored: on this CPU the resumed run retraces the unkilled one exactly.
     assert histories == metric_histories(unkilled_uri)
 

@@ -1,19 +1,23 @@
 """Hydra multiruns end to end: one MLflow parent run per sweep, a child per job, the comparison on the parent."""
 
+import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
+from scipy import stats
 
 from conftest import TINY_RUN, all_runs
 
 SWEEP = ("+experiment=dqn", "seed=0,1", "optimizer.lr=0.001,0.0003", *TINY_RUN)
-COMPARISON = {"comparison/comparison.csv", "comparison/comparison.md", "comparison/comparison.png"}
+COMPARISON = {f"comparison/{name}" for name in ("comparison.md", "configurations.csv", "runs.csv", "comparison.png")}
 
 
 def run_sweep(*args: str, cwd: Path, tracking_uri: str | None = None, returncode: int = 0) -> subprocess.CompletedProcess:
@@ -36,6 +40,11 @@ def parent_and_children(runs):
     return parent, children
 
 
+def stem(run) -> str:
+    """A run's name without its random last part."""
+    return run.info.run_name.rsplit(" ", 1)[0]
+
+
 def rest(base: str, path: str, body: dict | None = None) -> dict:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
@@ -44,7 +53,7 @@ def rest(base: str, path: str, body: dict | None = None) -> dict:
 
 
 def test_sweep_against_a_tracking_server_nests_four_children_under_one_parent(tmp_path, mlflow_server):
-    run_sweep(*SWEEP, cwd=tmp_path, tracking_uri=mlflow_server)
+    result = run_sweep(*SWEEP, cwd=tmp_path, tracking_uri=mlflow_server)
 
     (experiment,) = [e for e in rest(mlflow_server, "/api/2.0/mlflow/experiments/search", {"max_results": 10})["experiments"]
                      if e["name"] == "rl_pipeline"]
@@ -60,14 +69,48 @@ def test_sweep_against_a_tracking_server_nests_four_children_under_one_parent(tm
     for child in children:
         params = {p["key"]: p["value"] for p in child["data"]["params"]}
         settings.add((params["seed"], params["optimizer.lr"]))
-        assert child["info"]["run_name"] == f"seed={params['seed']},lr={params['optimizer.lr']}"
+        assert re.fullmatch(rf"CartPole-v1 optimizer\.lr={params['optimizer.lr']} seed={params['seed']} [0-9a-f]{{6}}",
+                            child["info"]["run_name"])
         assert {"eval/return_mean", "train/loss", "test/return_mean"} <= {m["key"] for m in child["data"]["metrics"]}
+        assert params["experiment"] == "dqn" and not [key for key in params if key.endswith(("_target_", "_partial_"))]
     assert settings == {("0", "0.001"), ("0", "0.0003"), ("1", "0.001"), ("1", "0.0003")}
+    sweep_page = f"{mlflow_server}/#/experiments/{experiment['experiment_id']}/runs?workflowType=machine_learning"
+    assert result.stdout.strip().splitlines()[-1] == (
+        f"MLflow sweep {parent_id}: 4 of 4 runs finished; "
+        f"compare at {sweep_page}&compareRunsMode=CHART&viewStateShareKey=sweep-{parent_id}"
+    )
+    check_parent_reads_on_its_own(mlflow.MlflowClient(mlflow_server), parent_id, children)
 
     listed = rest(mlflow_server, f"/api/2.0/mlflow/artifacts/list?run_id={parent_id}&path=comparison")
     assert {f["path"] for f in listed["files"]} == COMPARISON
     with urllib.request.urlopen(mlflow_server + "/", timeout=30) as page:
         assert page.status == 200 and b"<html" in page.read().lower()
+
+
+def check_parent_reads_on_its_own(client: mlflow.MlflowClient, parent_id: str, children: list[dict]) -> None:
+    """The shared settings as params; the sweep's and its best configuration's scores as metrics."""
+    parent = client.get_run(parent_id)
+    params = parent.data.params
+    assert params["env.id"] == "CartPole-v1" and params["experiment"] == "dqn" and params["trainer.max_env_steps"] == "1024"
+    assert "seed" not in params and "optimizer.lr" not in params, "what the sweep varies is no shared setting"
+    by_lr: dict[str, list[float]] = {}
+    for child in children:
+        run = client.get_run(child["info"]["run_id"])
+        by_lr.setdefault(run.data.params["optimizer.lr"], []).append(run.data.metrics["test/return_mean"])
+    returns = [r for values in by_lr.values() for r in values]
+    best_lr = max(by_lr, key=lambda lr: np.mean(by_lr[lr]))
+    best = by_lr[best_lr]
+    half_width = stats.t.ppf(0.975, 1) * np.std(best, ddof=1) / np.sqrt(2)
+    assert parent.data.metrics == pytest.approx({
+        "sweep/test_return_mean": np.mean(returns), "sweep/test_return_std": np.std(returns, ddof=1),
+        "sweep/test_return_ci_low": np.mean(returns) - stats.t.ppf(0.975, 3) * np.std(returns, ddof=1) / 2,
+        "sweep/test_return_ci_high": np.mean(returns) + stats.t.ppf(0.975, 3) * np.std(returns, ddof=1) / 2,
+        "sweep/solved_fraction": 0.0, "sweep/runs": 4.0,  # a budget of 1,024 env steps solves nothing
+        "best/test_return_mean": np.mean(best), "best/test_return_std": np.std(best, ddof=1),
+        "best/test_return_ci_low": np.mean(best) - half_width, "best/test_return_ci_high": np.mean(best) + half_width,
+        "best/solved_fraction": 0.0, "best/runs": 2.0,
+    })
+    assert parent.data.tags["best_configuration"] == f"optimizer.lr={best_lr}"
 
 
 def test_joblib_sweep_with_two_parallel_jobs_loses_nothing_in_the_embedded_store(tmp_path):
@@ -105,10 +148,18 @@ def test_compare_cli_rebuilds_the_report_for_a_sweep_and_for_an_experiment(tmp_p
         result = subprocess.run([sys.executable, "-m", "rl_pipeline.compare", target, "--out", str(out)],
                                 env=env, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr[-2000:]
-        assert {p.name for p in out.iterdir()} == {"comparison.csv", "comparison.md", "comparison.png"}
-        table = (out / "comparison.md").read_text().splitlines()
-        assert len(table) == 2 + len(children)  # header, rule, one row per child run (parents left out)
-        assert all(child.info.run_name in "\n".join(table) for child in children)
+        assert {p.name for p in out.iterdir()} == {"comparison.md", "configurations.csv", "runs.csv", "comparison.png"}
+        (configuration,) = read_csv(out / "configurations.csv")  # the seeds of one configuration together
+        assert configuration["configuration"] == "all runs" and configuration["runs"] == "2"
+        assert sorted(configuration["run ids"].split()) == sorted(child.info.run_id for child in children)
+        rows = read_csv(out / "runs.csv")  # one per child run; the parent left out
+        assert sorted(row["run id"] for row in rows) == sorted(child.info.run_id for child in children)
+        assert all(child.info.run_name in (out / "comparison.md").read_text() for child in children)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
 
 
 def test_failing_jobs_are_failed_children_with_their_reason_and_the_others_run_and_are_compared(tmp_path, tracking_uri):
@@ -118,20 +169,24 @@ def test_failing_jobs_are_failed_children_with_their_reason_and_the_others_run_a
     assert "Traceback" not in result.stderr
     assert result.stderr.count("Config error: env.id: expected a registered gymnasium env id") == 2 + 2  # said, summed up
     parent, children = parent_and_children(all_runs(tracking_uri))
-    by_name = {child.info.run_name: child for child in children}
-    assert sorted(by_name) == ["lr=0.001,id=CartPole-v1", "lr=0.001,id=NoSuchEnv-v0", "lr=1e+30,id=CartPole-v1",
-                               "lr=1e+30,id=NoSuchEnv-v0"]
-    assert by_name["lr=0.001,id=CartPole-v1"].info.status == "FINISHED"
-    diverged = by_name["lr=1e+30,id=CartPole-v1"]
+    by_name = {stem(child): child for child in children}
+    assert sorted(by_name) == ["CartPole-v1 optimizer.lr=0.001 seed=0", "CartPole-v1 optimizer.lr=1e+30 seed=0",
+                               "NoSuchEnv-v0 optimizer.lr=0.001 seed=0", "NoSuchEnv-v0 optimizer.lr=1e+30 seed=0"]
+    finished = by_name["CartPole-v1 optimizer.lr=0.001 seed=0"]
+    assert finished.info.status == "FINISHED"
+    diverged = by_name["CartPole-v1 optimizer.lr=1e+30 seed=0"]
     assert diverged.info.status == "FAILED" and diverged.data.tags["error"].startswith("TrainingDiverged: loss is")
-    for name in ("lr=0.001,id=NoSuchEnv-v0", "lr=1e+30,id=NoSuchEnv-v0"):
+    for name in ("NoSuchEnv-v0 optimizer.lr=0.001 seed=0", "NoSuchEnv-v0 optimizer.lr=1e+30 seed=0"):
         assert by_name[name].info.status == "FAILED" and "env.id: expected a registered" in by_name[name].data.tags["error"]
     assert parent.info.status == "FAILED"  # not every job finished
     client = mlflow.MlflowClient(tracking_uri)
     assert COMPARISON <= {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
-    table = client.download_artifacts(parent.info.run_id, "comparison/comparison.md", str(tmp_path))
-    assert "lr=0.001,id=CartPole-v1" in Path(table).read_text() and "NoSuchEnv" not in Path(table).read_text()
-    assert parent.data.tags["best_run_id"] == by_name["lr=0.001,id=CartPole-v1"].info.run_id
+    (configuration,) = read_csv(Path(client.download_artifacts(parent.info.run_id, "comparison/configurations.csv", str(tmp_path))))
+    assert configuration["configuration"] == "optimizer.lr=0.001,env.id=CartPole-v1"
+    assert configuration["run ids"] == finished.info.run_id
+    runs = read_csv(Path(client.download_artifacts(parent.info.run_id, "comparison/runs.csv", str(tmp_path))))
+    assert sorted(row["status"] for row in runs) == ["FAILED", "FAILED", "FAILED", "FINISHED"]  # failed runs listed too
+    assert parent.data.tags["best_run_id"] == finished.info.run_id
     assert result.stderr.strip().splitlines()[-4].startswith(f"Sweep {parent.info.run_id}: 3 of 4 jobs failed:")
 
 
@@ -141,8 +196,8 @@ def test_a_diverging_job_under_joblib_leaves_its_sibling_training_to_the_end(tmp
                        cwd=tmp_path, tracking_uri=tracking_uri, returncode=1)
     assert "Traceback" not in result.stderr
     parent, children = parent_and_children(all_runs(tracking_uri))
-    statuses = {child.info.run_name: child.info.status for child in children}
-    assert statuses == {"lr=1e+30": "FAILED", "lr=0.001": "FINISHED"}
+    statuses = {stem(child): child.info.status for child in children}
+    assert statuses == {"CartPole-v1 optimizer.lr=1e+30 seed=0": "FAILED", "CartPole-v1 optimizer.lr=0.001 seed=0": "FINISHED"}
     (sibling,) = [child for child in children if child.info.status == "FINISHED"]
     steps = [m.step for m in mlflow.MlflowClient(tracking_uri).get_metric_history(sibling.info.run_id, "train/epsilon")]
     assert steps == list(range(256, 2049, 256))

@@ -1,4 +1,5 @@
 import os
+import re
 import signal
 import time
 from contextlib import nullcontext
@@ -22,9 +23,28 @@ def test_flatten_gives_the_keys_a_user_overrides():
     assert tracking.flatten(nested) == {"optimizer.lr": 0.1, "optimizer.betas": [0.9, 0.99], "seed": 0, "transforms": {}}
 
 
-def test_run_name_is_the_overrides_with_short_keys():
-    assert tracking.run_name(["+experiment=dqn", "optimizer.lr=0.001", "seed=1"]) == "experiment=dqn,lr=0.001,seed=1"
-    assert tracking.run_name([]) == "defaults"
+def test_run_name_is_the_env_the_overrides_the_seed_and_a_random_part():
+    cfg = compose_config("+experiment=dqn", "optimizer.lr=0.001", "seed=1")
+    overrides = ["+experiment=dqn", "seed=1", "optimizer.lr=0.001"]
+    first, second = tracking.run_name(cfg, overrides), tracking.run_name(cfg, overrides)
+    assert re.fullmatch(r"CartPole-v1 experiment=dqn optimizer\.lr=0\.001 seed=1 [0-9a-f]{6}", first)
+    assert first != second, "repeats of one command tell apart"
+    assert re.fullmatch(r"CartPole-v1 seed=0 [0-9a-f]{6}", tracking.run_name(compose_config(), []))
+
+
+def test_params_are_the_settings_under_the_keys_one_overrides(store):
+    cfg = compose_config("+experiment=dqn", "paths.output_dir=somewhere", "buffer=prioritized")
+    params = tracking.params(cfg)
+    assert params["optimizer.lr"] == "0.0023" and params["seed"] == "0" and params["buffer.alpha"] == "0.6"
+    assert not [key for key in params if "_target_" in key or "_partial_" in key]
+    # Copies of another key (collector.seed: ${seed}), where a job writes, how it is watched: none.
+    for key in ("collector.seed", "collector.gamma", "collector.max_env_steps", "buffer.beta_steps", "paths.output_dir",
+                "logger.experiment_name", "trainer.lightning.enable_progress_bar", "resume"):
+        assert key not in params
+    # A value set in place of the copy is a setting again; the whole config is still there for resume.
+    overridden = compose_config("+experiment=dqn", "paths.output_dir=x", "buffer=prioritized", "buffer.beta_steps=5000")
+    assert tracking.params(overridden)["buffer.beta_steps"] == "5000"
+    assert tracking.resolved_config(cfg)["collector.seed"] == "0"
 
 
 def test_sqlite_artifacts_live_beside_the_database(tmp_path):
