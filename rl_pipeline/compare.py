@@ -10,7 +10,6 @@ covers every run of that experiment but the sweep parents, one configuration per
 import argparse
 import csv
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,6 @@ import mlflow
 import numpy as np
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
-from scipy import stats
 
 from rl_pipeline import tracking
 from rl_pipeline.evaluation import Score
@@ -120,14 +118,11 @@ class ConfigurationRow:
     @classmethod
     def of(cls, label: str, rows: list[RunRow]) -> "ConfigurationRow":
         score = Score.of(np.array([row.test_return for row in rows]))
-        n = len(rows)
-        half_width = stats.t.ppf(0.975, n - 1) * score.std / math.sqrt(n) if n > 1 else None
+        ci_low, ci_high = score.interval() or (None, None)
         solved = [row.solved_env_steps for row in rows if row.solved_env_steps is not None]
         return cls(
-            label, n, score.mean, score.std,
-            None if half_width is None else score.mean - half_width,
-            None if half_width is None else score.mean + half_width,
-            len(solved) / n, float(np.median(solved)) if solved else None,
+            label, score.episodes, score.mean, score.std, ci_low, ci_high,
+            len(solved) / score.episodes, float(np.median(solved)) if solved else None,
             " ".join(row.run_id for row in rows),
         )
 

@@ -38,6 +38,11 @@ def mean_lower_bound(returns: np.ndarray) -> float:
     return Score.of(returns).lower_bound
 
 
+def t_half_width(std: float, n: int, quantile: float) -> float:
+    """Student's t `quantile` for n - 1 degrees of freedom, times the standard error std / sqrt(n)."""
+    return float(stats.t.ppf(quantile, df=n - 1) * std / np.sqrt(n))
+
+
 @dataclass(frozen=True)
 class Score:
     """What a set of episodes says of a policy: mean, spread, and how low the mean could plausibly be."""
@@ -53,7 +58,14 @@ class Score:
         if n < 2:
             return cls(mean, 0.0, mean, n)
         std = float(np.std(returns, ddof=1))
-        return cls(mean, std, float(mean - stats.t.ppf(CONFIDENCE, df=n - 1) * std / np.sqrt(n)), n)
+        return cls(mean, std, mean - t_half_width(std, n, CONFIDENCE), n)
+
+    def interval(self) -> tuple[float, float] | None:
+        """The two-sided 95% interval of the mean, with Student's t; None for one episode."""
+        if self.episodes < 2:
+            return None
+        half_width = t_half_width(self.std, self.episodes, (1 + CONFIDENCE) / 2)
+        return self.mean - half_width, self.mean + half_width
 
     def metrics(self, prefix: str) -> dict[str, float]:
         """The return's statistics; the number of episodes is a setting, not a measurement."""

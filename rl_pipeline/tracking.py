@@ -61,6 +61,10 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE.resolve()}"
 
 
+def is_server(uri: str) -> bool:
+    return uri.startswith(tuple(f"{scheme}://" for scheme in SERVER_SCHEMES))
+
+
 def sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 

@@ -121,7 +121,7 @@ def save_sweep_view(client: mlflow.MlflowClient, experiment_id: str, sweep_id: s
 
 def ui_address(uri: str, port: int = DEFAULT_PORT) -> str:
     """Where the UI of `uri` is: the server itself, or the one `python -m rl_pipeline.ui` starts for a database."""
-    return uri.rstrip("/") if uri.startswith(tracking.SERVER_SCHEMES) else f"http://127.0.0.1:{port}"
+    return uri.rstrip("/") if tracking.is_server(uri) else f"http://127.0.0.1:{port}"
 
 
 def runs_link(address: str, experiment_id: str, view: str) -> str:
@@ -141,7 +141,7 @@ def comparison_link(address: str, experiment_id: str, sweep_id: str) -> str:
 
 def where_to_look(uri: str, page: str) -> str:
     """`page` on the tracking server, or on the UI that `python -m rl_pipeline.ui` starts for a database store."""
-    return page if uri.startswith(tracking.SERVER_SCHEMES) else f"{page} (once `python -m rl_pipeline.ui` serves it)"
+    return page if tracking.is_server(uri) else f"{page} (once `python -m rl_pipeline.ui` serves it)"
 
 
 def serve(uri: str, port: int) -> subprocess.Popen:
@@ -175,7 +175,7 @@ def pages(client: mlflow.MlflowClient, experiment_name: str, address: str, sweep
         save_experiment_view(client, experiment.experiment_id)
         return [runs_link(address, experiment.experiment_id, EXPERIMENT_VIEW)]
     parent = tracking.run_or_none(client, sweep_id)
-    if parent is None or parent.data.tags.get("sweep_role") != "parent":
+    if parent is None or not compare.is_sweep(parent):
         raise SystemExit(f"ui: {sweep_id!r} is not a sweep id (the run id of a sweep's parent run)")
     experiment_id = parent.info.experiment_id
     save_sweep_view(client, experiment_id, sweep_id, json.loads(parent.data.tags[compare.SWEPT_KEYS_TAG]))
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"ui: no MLflow store at {database} yet; train a run first (or set MLFLOW_TRACKING_URI)")
     address = ui_address(uri, args.port)
     links = "\n".join(pages(tracking.client(uri), args.experiment, address, args.sweep_id))
-    if uri.startswith(tracking.SERVER_SCHEMES):
+    if tracking.is_server(uri):
         print(f"Open {links}", flush=True)
         return
     server = serve(uri, args.port)
