@@ -29,12 +29,12 @@ def main() -> None:
     env = make_vector_env("ale_py:ALE/Pong-v5", num_envs=4, frameskip=1, wrappers=sub_env_wrappers(transforms))
     buffer = UniformReplayBuffer(capacity=args.capacity, batch_size=32, dedup_frames=True)
     collector = Collector(
-        wrap_for_training(env, transforms), buffer, frames_per_iteration=256, max_env_steps=args.env_steps,
+        wrap_for_training(env, transforms), env_steps_per_iteration=256, max_env_steps=args.env_steps,
         learning_starts=2 * args.env_steps,  # random actions throughout: no network needed
     )
     started = time.perf_counter()
     while collector.env_steps < args.env_steps:
-        collector.collect(nn.Identity())
+        collector.collect(nn.Identity(), buffer.add)
     seconds = time.perf_counter() - started
 
     frame_bytes = int(np.prod(env.single_observation_space.shape[1:]))

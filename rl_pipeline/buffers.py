@@ -1,11 +1,13 @@
 """Replay buffers: circular storage in preallocated tensors, sampled uniformly or by priority."""
 
 from dataclasses import dataclass, fields, replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from rl_pipeline.frames import FrameStore
+from rl_pipeline.schedule import linear_schedule
 from rl_pipeline.validation import boolean, expected, positive_int, positive_number, probability
 
 
@@ -23,6 +25,18 @@ class Batch:
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(*(None if v is None else v.to(device) for v in (getattr(self, f.name) for f in fields(self))))
+
+
+class Transitions(NamedTuple):
+    """What the collector hands over to be stored: arrays with a leading batch dimension."""
+
+    observations: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray  # r, or the discounted sum of n rewards for an n-step transition
+    next_observations: np.ndarray
+    terminated: np.ndarray  # whether s' is terminal
+    steps: np.ndarray | None = None  # env steps from s to s'; 1 each when None
+    env_ids: np.ndarray | None = None  # which sub-env's stream each is from; 0 each when None
 
 
 STORED = ("observations", "actions", "rewards", "next_observations", "terminated", "steps")
@@ -77,11 +91,9 @@ class UniformReplayBuffer:
         if self.frames is not None:
             self.frames.load_state_dict(state["frames"])
 
-    def add(self, observations, actions, rewards, next_observations, terminated, steps=None, env_ids=None) -> None:
-        """Append a batch of transitions (numpy arrays with a leading batch dimension).
-
-        `steps` is 1 unless given; `env_ids` says which env's stream each transition is from (0 unless given).
-        """
+    def add(self, transitions: Transitions) -> None:
+        """Append a batch of transitions, overwriting the oldest once full."""
+        observations, actions, rewards, next_observations, terminated, steps, env_ids = transitions
         count = len(actions)
         if count > self.capacity:
             raise ValueError(f"cannot add {count} transitions at once to a buffer of capacity {self.capacity}")
@@ -210,7 +222,7 @@ class PrioritizedReplayBuffer(UniformReplayBuffer):
         self.max_priority = 1.0  # of p^α
 
     def beta(self, env_steps: int) -> float:
-        return self.beta_start + (1.0 - self.beta_start) * min(env_steps / self.beta_steps, 1.0)
+        return linear_schedule(self.beta_start, 1.0, self.beta_steps, env_steps)
 
     def sample(self, env_steps: int = 0) -> Batch:
         """One sample from each of `batch_size` equal slices of the priority mass (stratified)."""

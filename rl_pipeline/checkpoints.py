@@ -1,8 +1,9 @@
 """Resumable checkpoints: written atomically, every N env steps, on Ctrl-C or SIGTERM and at the end.
 
 Each one holds what continuing exactly needs: Lightning's own state (networks, optimizer, loop
-counters, callbacks) plus the DQNModule's training state (replay buffer, envs, RNGs), the MLflow run
-id and the config it was trained with, so that `resume=` finds the run and refuses another config.
+counters, callbacks) plus what the module keeps in its own `on_save_checkpoint` (replay buffer, envs,
+RNGs), the MLflow run id and the config it was trained with, so that `resume=` finds the run and
+refuses another config.
 Every file ends in a SHA-256 of what precedes it, checked before it is loaded.
 """
 
@@ -10,7 +11,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import random
 import re
 import signal
 import tempfile
@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins import TorchCheckpointIO
@@ -41,16 +40,6 @@ RUN_ID = re.compile(r"[0-9a-f]{32}")
 # Where a job writes and how long it waits for a server, not what it trains: these may differ
 # between a run and its resume.
 NOT_CONFIG = ("resume", "paths.output_dir", "logger.server_timeout_s")
-
-
-def rng_states() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def restore_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
 
 
 class CorruptCheckpoint(Exception):
@@ -175,20 +164,22 @@ class ResumableCheckpoint(pl.Callback):
 
     Not on a diverged loss: the checkpoint from before it stays, the last good state.
     Nor on a lost tracking server: a resume from the one before replays the iterations it did not log.
-    Lightning's ModelCheckpoint counts optimizer steps, not env steps, hence this callback.
+    Lightning's ModelCheckpoint counts optimizer steps, not env steps, hence this callback: it works
+    with any LightningModule that counts `env_steps` and keeps in its own `on_save_checkpoint` what
+    continuing needs. Beside that, each file names its MLflow run and the config it was trained with.
     """
 
-    def __init__(self, dirpath: Path, interval_env_steps: int, config: dict):
+    def __init__(self, dirpath: Path, interval_env_steps: int):
         self.path = Path(dirpath) / LAST
         self.interval_env_steps = interval_env_steps
-        self.config = config
+        self.run_config: dict[str, str] = {}  # the resolved config, which resume= compares with its own
         self.mlflow_run_id: str | None = None  # set once the run exists, before training
         self.training_done = False  # the checkpoint written when training ended: a resume from it only exports
         self.saved_at_env_steps = 0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
         # The first one before the first iteration: a run killed at any moment after it can be resumed.
-        due = pl_module.collector.env_steps - self.saved_at_env_steps >= self.interval_env_steps
+        due = pl_module.env_steps - self.saved_at_env_steps >= self.interval_env_steps
         if due or not self.path.exists():
             self.save(trainer, pl_module)
 
@@ -201,50 +192,20 @@ class ResumableCheckpoint(pl.Callback):
             self.save(trainer, pl_module)
 
     def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.saved_at_env_steps = pl_module.collector.env_steps
+        self.saved_at_env_steps = pl_module.env_steps
         trainer.save_checkpoint(self.path, weights_only=False)
         log.info("Saved %s at %d env steps", self.path, self.saved_at_env_steps)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        checkpoint["run"] = {"mlflow_run_id": self.mlflow_run_id, "config": self.config, "training_done": self.training_done}
-        checkpoint["training_state"] = pl_module.training_state()
-
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        pl_module.load_training_state(checkpoint["training_state"])
+        checkpoint["run"] = {
+            "mlflow_run_id": self.mlflow_run_id, "config": self.run_config, "training_done": self.training_done
+        }
 
     def state_dict(self) -> dict:
         return {"saved_at_env_steps": self.saved_at_env_steps}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.saved_at_env_steps = state_dict["saved_at_env_steps"]
-
-
-class StopAtIterationEnd(pl.Callback):
-    """Ctrl-C stops training once the current iteration is done, never halfway through an update or a write.
-
-    A second Ctrl-C interrupts at once.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self.previous_handler = None
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.previous_handler = signal.signal(signal.SIGINT, self.request)
-
-    def request(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.info("Ctrl-C: stopping after this iteration (again to stop now)")
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.previous_handler is not None:
-            signal.signal(signal.SIGINT, self.previous_handler)
 
 
 @dataclass

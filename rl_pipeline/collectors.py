@@ -1,6 +1,7 @@
-"""Data collection: step the training env with the ε-greedy behaviour policy and fill the buffer."""
+"""Data collection: step the training env with the ε-greedy behaviour policy, hand on n-step transitions."""
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -8,15 +9,11 @@ import torch
 from gymnasium.vector import VectorEnv
 from torch import nn
 
+from rl_pipeline.buffers import Transitions
 from rl_pipeline.envs import env_state, restore_env_state
+from rl_pipeline.networks import greedy_actions
+from rl_pipeline.schedule import linear_schedule
 from rl_pipeline.validation import expected, non_negative_int, positive_int, probability
-
-
-def linear_schedule(start: float, end: float, duration: int, t: int) -> float:
-    """Moves linearly from `start` to `end` over `duration` steps, then holds `end`."""
-    if duration <= 0:
-        return end
-    return start + (end - start) * min(t / duration, 1.0)
 
 
 @dataclass
@@ -37,13 +34,15 @@ class NStepReturns:
         self.n, self.gamma = n, gamma
         self.pending = [deque() for _ in range(num_envs)]  # per env: (s, a, r) still short of n steps
 
-    def __call__(self, observations, actions, rewards, next_observations, terminated, truncated, real) -> list[tuple]:
-        """This step's sub-env transitions (`real` masks out reset steps) -> the n-step transitions now complete.
+    def __call__(
+        self, observations, actions, rewards, next_observations, terminated, truncated, within_episode
+    ) -> Transitions | None:
+        """This vector step -> the n-step transitions it completes, None if none.
 
-        Each is (s, a, R, s', terminated, k, env).
+        `within_episode` masks out the sub-envs whose step was a reset: their (s, s') spans two episodes.
         """
         complete = []
-        for env in np.flatnonzero(real):
+        for env in np.flatnonzero(within_episode):
             pending = self.pending[env]
             pending.append((observations[env], actions[env], rewards[env]))
             ended = terminated[env] or truncated[env]
@@ -53,22 +52,21 @@ class NStepReturns:
                 complete.append(
                     (observation, action, discounted, next_observations[env], terminated[env], len(pending) + 1, env)
                 )
-        return complete
+        return Transitions(*map(np.stack, zip(*complete))) if complete else None
 
 
 class Collector:
-    """Steps `env` for `frames_per_iteration` frames (summed over its sub-envs) per `collect()` call, unless told fewer.
+    """Steps `env` for `env_steps_per_iteration` env steps (summed over its sub-envs) per `collect()` call, unless told fewer.
 
-    Actions are uniformly random until `learning_starts` frames, then ε-greedy on the Q-network with
-    ε annealed linearly from `epsilon_start` to `epsilon_end` over `epsilon_fraction` of the budget.
-    The buffer receives `n_step` transitions, discounted by `gamma` (the loss's).
+    Actions are uniformly random until `learning_starts` env steps, then ε-greedy on the Q-network
+    with ε annealed linearly from `epsilon_start` to `epsilon_end` over `epsilon_fraction` of the
+    budget. Each step's `n_step` transitions, discounted by `gamma` (the loss's), go to `store`.
     """
 
     def __init__(
         self,
         env: VectorEnv,
-        buffer,
-        frames_per_iteration: int,
+        env_steps_per_iteration: int,
         max_env_steps: int,
         epsilon_start: float = 1.0,
         epsilon_end: float = 0.05,
@@ -78,17 +76,19 @@ class Collector:
         gamma: float = 0.99,
         seed: int = 0,
     ):
-        self.env, self.buffer = env, buffer
+        self.env = env
         self.num_envs = env.num_envs
-        self.frames_per_iteration = positive_int("frames_per_iteration", frames_per_iteration)
-        if frames_per_iteration % self.num_envs:
-            raise expected("frames_per_iteration", f"a multiple of env.num_envs ({self.num_envs})", frames_per_iteration)
+        self.env_steps_per_iteration = positive_int("env_steps_per_iteration", env_steps_per_iteration)
+        if env_steps_per_iteration % self.num_envs:
+            raise expected(
+                "env_steps_per_iteration", f"a multiple of env.num_envs ({self.num_envs})", env_steps_per_iteration
+            )
         self.epsilon_start = probability("epsilon_start", epsilon_start)
         self.epsilon_end = probability("epsilon_end", epsilon_end)
         self.epsilon_fraction = probability("epsilon_fraction", epsilon_fraction)
         self.epsilon_duration = int(epsilon_fraction * positive_int("max_env_steps", max_env_steps))
         self.learning_starts = non_negative_int("learning_starts", learning_starts)
-        self.n_step = NStepReturns(positive_int("n_step", n_step), probability("gamma", gamma), self.num_envs)
+        self.n_step_returns = NStepReturns(positive_int("n_step", n_step), probability("gamma", gamma), self.num_envs)
         self.seed = seed
         self.env_steps = 0
         self.observations = None
@@ -99,6 +99,10 @@ class Collector:
     def warming_up(self) -> bool:
         return self.env_steps < self.learning_starts
 
+    def restart_warm_up(self) -> None:
+        """Act at random for another `learning_starts` env steps from here (to refill an emptied buffer)."""
+        self.learning_starts += self.env_steps
+
     @property
     def epsilon(self) -> float:
         if self.warming_up:
@@ -108,19 +112,17 @@ class Collector:
     @torch.no_grad()
     def act(self, q_network: nn.Module, observations: np.ndarray) -> np.ndarray:
         explore = torch.rand(self.num_envs) < self.epsilon
-        random_actions = torch.randint(int(self.env.single_action_space.n), (self.num_envs,))
+        random_actions = torch.randint(int(self.env.single_action_space.n), (self.num_envs,)).numpy()
         if explore.all():  # no greedy action needed: spare the forward pass (all of warm-up)
-            return random_actions.numpy()
-        device = next(q_network.parameters()).device
-        actions = q_network(torch.as_tensor(observations, device=device)).argmax(dim=1).cpu()
-        return torch.where(explore, random_actions, actions).numpy()
+            return random_actions
+        return np.where(explore.numpy(), random_actions, greedy_actions(q_network, observations))
 
     def state_dict(self) -> dict:
         return {
             "env_steps": self.env_steps,
             "observations": self.observations,
             "resetting": self.resetting,
-            "n_step_pending": self.n_step.pending,
+            "n_step_pending": self.n_step_returns.pending,
             "env": env_state(self.env),
         }
 
@@ -129,22 +131,26 @@ class Collector:
         if state["env"] is not None:
             restore_env_state(self.env, state["env"])
             self.observations, self.resetting = state["observations"], state["resetting"]
-            self.n_step.pending = state["n_step_pending"]
+            self.n_step_returns.pending = state["n_step_pending"]
 
-    def collect(self, q_network: nn.Module, frames: int | None = None) -> CollectStats:
-        frames = self.frames_per_iteration if frames is None else frames
-        if frames % self.num_envs:
-            raise ValueError(f"{frames} frames do not divide among {self.num_envs} sub-envs")
+    def collect(
+        self, q_network: nn.Module, store: Callable[[Transitions], None], env_steps: int | None = None
+    ) -> CollectStats:
+        """Steps the env `env_steps` times in all (`env_steps_per_iteration` by default), storing as it goes."""
+        env_steps = self.env_steps_per_iteration if env_steps is None else env_steps
+        if env_steps % self.num_envs:
+            raise ValueError(f"{env_steps} env steps do not divide among {self.num_envs} sub-envs")
         if self.observations is None:  # new episodes; after a resume, not the first run's again
             self.observations, _ = self.env.reset(seed=self.seed + self.env_steps)
         stats = CollectStats()
-        for _ in range(frames // self.num_envs):
+        for _ in range(env_steps // self.num_envs):
             actions = self.act(q_network, self.observations)
             next_observations, rewards, terminated, truncated, info = self.env.step(actions)
-            real = ~self.resetting  # a reset step's (obs, next_obs) pair spans two episodes: never store it
-            complete = self.n_step(self.observations, actions, rewards, next_observations, terminated, truncated, real)
-            if complete:
-                self.buffer.add(*map(np.stack, zip(*complete)))
+            transitions = self.n_step_returns(
+                self.observations, actions, rewards, next_observations, terminated, truncated, ~self.resetting
+            )
+            if transitions is not None:
+                store(transitions)
             if "episode" in info:
                 finished = info["_episode"]
                 stats.episode_returns += info["episode"]["r"][finished].tolist()

@@ -74,11 +74,6 @@ def require_array_observations(env: gym.vector.VectorEnv) -> gym.spaces.Box:
     return space
 
 
-def reward_threshold(env: gym.vector.VectorEnv) -> float | None:
-    """The return at which gymnasium's registry calls the env solved (475 for CartPole-v1)."""
-    return env.unwrapped.spec.reward_threshold
-
-
 def sub_env_wrappers(transforms) -> list[Callable[[gym.Env], gym.Env]]:
     """The transforms that wrap each sub-env (what the policy sees, in training and evaluation alike)."""
     return [t.wrap_sub_env for t in transforms if hasattr(t, "wrap_sub_env")]

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rl_pipeline import tracking
 from rl_pipeline.evaluation import Score, record_gif, score_policy
-from rl_pipeline.train import build_env, build_transforms, eval_env_maker
+from rl_pipeline.parts import build_env, build_transforms, eval_env_maker
 from rl_pipeline.validation import ConfigError, non_negative_int, positive_int
 
 

@@ -6,28 +6,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from gymnasium.vector import VectorEnv
 from PIL import Image, ImageDraw
 from scipy import stats
 from torch import nn
 
+from rl_pipeline.networks import greedy_actions
+
 CONFIDENCE = 0.95  # of every lower bound: one-sided
 
 
-@torch.no_grad()
 def evaluate(policy: nn.Module, env: VectorEnv, seed: int) -> np.ndarray:
     """Greedy return of one episode per sub-env, sub-env i reset with seed `seed + i`.
 
     A sub-env whose episode ended starts another (autoreset); its rewards no longer count.
     """
-    device = next(policy.parameters()).device
     observations, _ = env.reset(seed=seed)
     returns = np.zeros(env.num_envs)
     done = np.zeros(env.num_envs, dtype=bool)
     while not done.all():
-        actions = policy(torch.as_tensor(observations, device=device)).argmax(dim=1).cpu().numpy()
-        observations, rewards, terminated, truncated, _ = env.step(actions)
+        observations, rewards, terminated, truncated, _ = env.step(greedy_actions(policy, observations))
         returns += np.where(done, 0.0, rewards)
         done |= terminated | truncated
     return returns
@@ -101,6 +99,11 @@ def score_policy(policy: nn.Module, make_env: Callable[[int], VectorEnv], episod
     return Score.of(play_episodes(policy, make_env, episodes, seed))
 
 
+def is_solved(lower_bound: float, solved_return: float | None) -> bool:
+    """What stopping, confirmation and a run's `solved` all mean: a lower bound >= solved_return."""
+    return solved_return is not None and lower_bound >= solved_return
+
+
 class Evaluator:
     """Screens a policy on `episodes` episodes; once that passes `solved_return`, confirms on fresh ones.
 
@@ -123,8 +126,7 @@ class Evaluator:
         self.seed, self.solved_return = seed, solved_return
 
     def solved(self, lower_bound: float) -> bool:
-        """What stopping, confirmation and a run's `solved` all mean: a lower bound >= solved_return."""
-        return self.solved_return is not None and lower_bound >= self.solved_return
+        return is_solved(lower_bound, self.solved_return)
 
     def __call__(self, policy: nn.Module) -> np.ndarray:
         returns = evaluate(policy, self.screen_env, self.seed)
@@ -133,7 +135,6 @@ class Evaluator:
         return returns
 
 
-@torch.no_grad()
 def record_gif(
     policy: nn.Module, env: VectorEnv, path: Path, seed: int, every: int = 2, max_frames: int = 1000
 ) -> Path | None:
@@ -151,8 +152,7 @@ def record_gif(
     while not done and len(frames) < max_frames:
         if step % every == 0:
             frames.append(captioned(env.render()[0], step, episode_return))
-        actions = policy(torch.as_tensor(observations)).argmax(dim=1).numpy()
-        observations, rewards, terminated, truncated, _ = env.step(actions)
+        observations, rewards, terminated, truncated, _ = env.step(greedy_actions(policy, observations))
         step, episode_return, done = step + 1, episode_return + float(rewards[0]), bool(terminated[0] or truncated[0])
     frames.append(captioned(env.render()[0], step, episode_return))
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=40 * every, loop=0)

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import random
 import time
 
 import numpy as np
@@ -10,7 +11,6 @@ import torch
 from torch import nn
 
 from rl_pipeline.buffers import UniformReplayBuffer
-from rl_pipeline.checkpoints import restore_rng_states, rng_states
 from rl_pipeline.collectors import Collector
 from rl_pipeline.evaluation import Evaluator, Score
 from rl_pipeline.losses import DQNLoss
@@ -22,6 +22,16 @@ from rl_pipeline.transforms import policy_input
 def mean64(values) -> torch.Tensor:
     """The mean of float32 measurements, taken in float64."""
     return torch.stack(list(values)).double().mean()
+
+
+def rng_states() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def restore_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
 
 
 class TrainingDiverged(RuntimeError):
@@ -80,7 +90,7 @@ class DQNModule(pl.LightningModule):
         return self.optimizer
 
     def on_train_start(self) -> None:
-        self._clock = (time.perf_counter(), self.collector.env_steps)
+        self._clock = (time.perf_counter(), self.env_steps)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # Restored here, not on load: a resuming Lightning makes dataloader iterators, which draw from torch's RNG.
@@ -88,38 +98,45 @@ class DQNModule(pl.LightningModule):
             restore_rng_states(self._resumed_rng_states)
             self._resumed_rng_states = None
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["env_steps"] = self.collector.env_steps  # every checkpoint's, the best's included
+    @property
+    def env_steps(self) -> int:
+        """Env steps collected so far: the x-axis of every metric, and what checkpoints are timed by."""
+        return self.collector.env_steps
 
-    def training_state(self) -> dict:
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Beside Lightning's own state (networks, optimizer, loops): what continuing exactly needs."""
+        checkpoint["env_steps"] = self.env_steps  # every checkpoint's, the best's included
+        if "optimizer_states" not in checkpoint:  # weights only (the best policy's): nothing to continue from
+            return
         keep_buffer = self.buffer.nbytes <= self.checkpoint_buffer_max_bytes
-        return {
+        checkpoint["training_state"] = {
             "num_updates": self.num_updates,
             "collector": self.collector.state_dict(),
             "buffer": self.buffer.state_dict() if keep_buffer else None,
             "rng": rng_states(),
         }
 
-    def load_training_state(self, state: dict) -> None:
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["training_state"]
         self.num_updates = state["num_updates"]
         self.collector.load_state_dict(state["collector"])
         if state["buffer"] is not None:
             self.buffer.load_state_dict(state["buffer"])
         else:  # left out for its size: refill it, as at the start, before updating again
-            self.collector.learning_starts += self.collector.env_steps
+            self.collector.restart_warm_up()
         self._resumed_rng_states = state["rng"]
 
-    def training_step(self, iteration: int, batch_idx: int) -> None:
-        stats = self.collector.collect(self.policy, self.schedule.frames(self.collector.env_steps))
+    def training_step(self, _batch: int, _batch_idx: int) -> None:
+        """One DQN iteration. Lightning's batch only counts iterations: the schedule says what to collect."""
+        stats = self.collector.collect(self.policy, self.buffer.add, self.schedule.steps_to_collect(self.env_steps))
         self.refresh_policy_input()  # now with this iteration's observations
         online, target = self.policy, self.target_policy
         updates = []
         if not self.collector.warming_up:
             for _ in range(self.updates_per_iteration):
-                updates.append(self.update(online, target, self.buffer.sample(self.collector.env_steps).to(self.device)))
+                updates.append(self.update(online, target, self.buffer.sample(self.env_steps).to(self.device)))
         self.log_iteration(stats, updates)
-        if self.collector.env_steps >= self.schedule.max_env_steps:
+        if self.env_steps >= self.schedule.max_env_steps:
             self.trainer.should_stop = True  # budget spent; Lightning evaluates once more before it stops
 
     def update(self, online: nn.Module, target: nn.Module, batch):
@@ -131,7 +148,7 @@ class DQNModule(pl.LightningModule):
         out = self.loss_fn(online, target, batch)
         if not torch.isfinite(out.loss):
             raise TrainingDiverged(
-                f"loss is {out.loss.item()} at env step {self.collector.env_steps} (update {self.num_updates + 1})"
+                f"loss is {out.loss.item()} at env step {self.env_steps} (update {self.num_updates + 1})"
             )
         optimizer.zero_grad()
         self.manual_backward(out.loss)
@@ -145,7 +162,7 @@ class DQNModule(pl.LightningModule):
         return out, grad_norm
 
     def log_iteration(self, stats, updates: list) -> None:
-        env_steps = self.collector.env_steps
+        env_steps = self.env_steps
         now = time.perf_counter()
         then, steps_then = self._clock
         self._clock = (now, env_steps)
@@ -168,7 +185,7 @@ class DQNModule(pl.LightningModule):
     def log_measured(self, metrics: dict) -> None:
         """`metrics` at this env step, in float64: self.log would make them float32 (247.15 -> 247.14999389648438)."""
         # Lightning sends a logged "step" to the loggers as the x-axis: env steps, not batches.
-        metrics = {**metrics, "step": self.collector.env_steps}
+        metrics = {**metrics, "step": self.env_steps}
         self.log_dict({key: torch.as_tensor(value, dtype=torch.float64) for key, value in metrics.items()}, batch_size=1)
 
     def validation_step(self, batch, batch_idx: int) -> None:

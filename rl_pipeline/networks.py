@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -120,3 +121,10 @@ def update_target(target_network: nn.Module, q_network: nn.Module, tau: float) -
             target.copy_(online)  # exact, where lerp would round
         else:
             target.lerp_(online, tau)
+
+
+@torch.no_grad()
+def greedy_actions(policy: nn.Module, observations: np.ndarray) -> np.ndarray:
+    """argmax_a Q(s, a) for each observation of the batch, on the policy's device."""
+    device = next(policy.parameters()).device
+    return policy(torch.as_tensor(observations, device=device)).argmax(dim=1).cpu().numpy()

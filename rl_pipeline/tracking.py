@@ -36,9 +36,9 @@ DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # SQLAlchemy's, w
 SQLITE_HEADER = b"SQLite format 3\x00"
 ERROR_TAG = "error"  # on a FAILED run: the one line that said why
 SYSTEM_METRICS_INTERVAL_S = 5
-# How a run is watched and where it writes, not what it trains: no params (config.yaml has them).
+# How a run is watched, checkpointed and where it writes, not what it trains: no params (config.yaml has them).
 NOT_SETTINGS = (
-    "paths.", "logger.", "resume", "trainer.lightning.enable_progress_bar", "trainer.lightning.enable_model_summary",
+    "paths.", "logger.", "callbacks.", "resume", "trainer.lightning.enable_progress_bar", "trainer.lightning.enable_model_summary",
 )
 
 

@@ -15,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from rl_pipeline.config import CONF_DIR
 
 # A budget small enough for seconds, large enough to update and evaluate.
 TINY_RUN = (
@@ -38,26 +38,36 @@ def tracking_uri(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
-def cli_env(tracking_uri: str) -> dict[str, str]:
-    return {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
+def module_env(tracking_uri: str | None) -> dict[str, str]:
+    """This environment, unbuffered, with MLFLOW_TRACKING_URI at `tracking_uri` (unset for None: the default store)."""
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    return {**env, "PYTHONUNBUFFERED": "1", **({"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {})}
+
+
+def run_module(module: str, *args: str, tracking_uri: str | None, cwd: Path | None = None,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` in a subprocess, to its end, its MLflow store at `tracking_uri`."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=module_env(tracking_uri),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start_module(module: str, *args: str, tracking_uri: str | None, cwd: Path | None = None, **popen) -> subprocess.Popen:
+    """`python -m MODULE ARGS` started in the background; its stdout and stderr merged (unless `popen` says), line by line."""
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=module_env(tracking_uri),
+                            text=True, **{"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, **popen})
 
 
 def run_cli(
     *args: str, cwd: Path, tracking_uri: str, timeout: float = 600, run_dir: Path | None = None
 ) -> subprocess.CompletedProcess:
-    """`python -m rl_pipeline ARGS` in a subprocess, its MLflow store at `tracking_uri`."""
-    return subprocess.run(
-        [sys.executable, "-m", "rl_pipeline", *args, f"hydra.run.dir={run_dir or cwd / 'run'}"],
-        cwd=cwd, env=cli_env(tracking_uri), capture_output=True, text=True, timeout=timeout,
-    )
+    """`python -m rl_pipeline ARGS`, writing into `run_dir` (`cwd/run` by default)."""
+    return run_module("rl_pipeline", *args, f"hydra.run.dir={run_dir or cwd / 'run'}", cwd=cwd,
+                      tracking_uri=tracking_uri, timeout=timeout)
 
 
 def start_cli(*args: str, cwd: Path, tracking_uri: str, run_dir: Path) -> subprocess.Popen:
-    """`python -m rl_pipeline ARGS` started in the background; its stdout and stderr merged, line by line."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "rl_pipeline", *args, f"hydra.run.dir={run_dir}"],
-        cwd=cwd, env=cli_env(tracking_uri), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    """`python -m rl_pipeline ARGS` started in the background, writing into `run_dir`."""
+    return start_module("rl_pipeline", *args, f"hydra.run.dir={run_dir}", cwd=cwd, tracking_uri=tracking_uri)
 
 
 def read_until(process: subprocess.Popen, text: str) -> list[str]:
@@ -108,6 +118,9 @@ def mlflow_server(tmp_path):
 
 
 def all_runs(tracking_uri: str) -> list:
+    """Every run of every experiment in the store; none where the SQLite file was never created (asking creates none)."""
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
+        return []
     client = mlflow.MlflowClient(tracking_uri)
     experiments = client.search_experiments()
     if not experiments:

@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from rl_pipeline.buffers import PrioritizedReplayBuffer, SumTree, UniformReplayBuffer
+from rl_pipeline.buffers import PrioritizedReplayBuffer, SumTree, Transitions, UniformReplayBuffer
 from rl_pipeline.validation import ConfigError
 
 
 def add_numbered(buffer: UniformReplayBuffer, numbers) -> None:
     """Transition k has observation [k, -k], action k % 2, reward k, next observation [k + 1, -k - 1]."""
     k = np.asarray(numbers, dtype=np.float32)
-    buffer.add(np.stack([k, -k], 1), k.astype(int) % 2, k, np.stack([k + 1, -k - 1], 1), np.zeros_like(k))
+    buffer.add(Transitions(np.stack([k, -k], 1), k.astype(int) % 2, k, np.stack([k + 1, -k - 1], 1), np.zeros_like(k)))
 
 
 def test_wraps_around_overwriting_the_oldest():
@@ -164,7 +164,7 @@ def test_dedup_frames_stores_each_frame_once_and_gives_back_the_observations(n_s
         for env, stream in enumerate(streams):
             if env == 1 and 10 - n_step <= t < 10:
                 continue  # the n-step window must not cross env 1's episode end
-            buffer.add(stream[[t]], [0], [0.0], stream[[t + n_step]], [False], [n_step], env_ids=np.array([env]))
+            buffer.add(Transitions(stream[[t]], [0], [0.0], stream[[t + n_step]], [False], [n_step], np.array([env])))
     distinct = len(np.unique(np.concatenate(streams).reshape(-1, 30), axis=0))
     assert buffer.frames.capacity - buffer.frames.num_free == distinct  # each frame once
     batch = buffer._gather(torch.arange(len(buffer)))
@@ -179,7 +179,7 @@ def test_dedup_frames_frees_the_frames_of_overwritten_transitions():
     stream = frame_stream(500)
     buffer = UniformReplayBuffer(capacity=50, batch_size=8, dedup_frames=True)
     for t in range(499):
-        buffer.add(stream[[t]], [0], [0.0], stream[[t + 1]], [False])
+        buffer.add(Transitions(stream[[t]], [0], [0.0], stream[[t + 1]], [False]))
     # 50 transitions span 51 distinct frames (4-frame stacks overlap): 53 counts the 8 recent stacks' few more.
     assert buffer.frames.capacity - buffer.frames.num_free <= 50 + 3 + 8
     batch = buffer._gather(torch.arange(50))
@@ -193,7 +193,7 @@ def test_dedup_frames_bytes_per_transition_are_about_one_frame():
     frames = np.random.default_rng(0).integers(0, 256, size=(10_004, 84, 84), dtype=np.uint8)
     buffer = UniformReplayBuffer(capacity=10_000, batch_size=8, dedup_frames=True)
     for t in range(10_000):
-        buffer.add(frames[None, t : t + 4], [0], [0.0], frames[None, t + 1 : t + 5], [False])
+        buffer.add(Transitions(frames[None, t : t + 4], [0], [0.0], frames[None, t + 1 : t + 5], [False]))
     # The frame store's slack (1/16 and 1,024 frames) and the slot numbers: under 1.3 frames a transition,
     # where whole stacks would take 4 frames, and s' beside s 8.
     assert buffer.nbytes / buffer.capacity < 1.3 * 84 * 84
@@ -203,12 +203,12 @@ def test_dedup_frames_buffer_state_round_trips_and_goes_on_storing_each_frame_on
     stream = frame_stream(40)
     original = UniformReplayBuffer(capacity=16, batch_size=4, dedup_frames=True)
     for t in range(20):
-        original.add(stream[[t]], [0], [0.0], stream[[t + 1]], [False])
+        original.add(Transitions(stream[[t]], [0], [0.0], stream[[t + 1]], [False]))
     restored = UniformReplayBuffer(capacity=16, batch_size=4, dedup_frames=True)
     restored.load_state_dict(copy.deepcopy(original.state_dict()))
     for buffer in (original, restored):
         for t in range(20, 39):
-            buffer.add(stream[[t]], [0], [0.0], stream[[t + 1]], [False])
+            buffer.add(Transitions(stream[[t]], [0], [0.0], stream[[t + 1]], [False]))
     everything = torch.arange(16)
     assert torch.equal(restored._gather(everything).observations, original._gather(everything).observations)
     assert restored.frames.num_free == original.frames.num_free

@@ -4,16 +4,23 @@ import pytest
 import torch
 
 from rl_pipeline.buffers import UniformReplayBuffer
-from rl_pipeline.collectors import Collector, NStepReturns, linear_schedule
+from rl_pipeline.collectors import Collector, NStepReturns
 from rl_pipeline.envs import make_vector_env, wrap_for_training
 from rl_pipeline.networks import MLP
+from rl_pipeline.schedule import linear_schedule
 from rl_pipeline.validation import ConfigError
 
 
 def make_collector(num_envs=2, max_episode_steps=None, **kwargs) -> Collector:
     env = wrap_for_training(make_vector_env("CartPole-v1", num_envs=num_envs, max_episode_steps=max_episode_steps), [])
-    settings = dict(frames_per_iteration=64, max_env_steps=1000, learning_starts=10**6, seed=0)
-    return Collector(env, UniformReplayBuffer(capacity=10_000, batch_size=1), **{**settings, **kwargs})
+    settings = dict(env_steps_per_iteration=64, max_env_steps=1000, learning_starts=10**6, seed=0)
+    return Collector(env, **{**settings, **kwargs})
+
+
+def collect_into_buffer(collector: Collector):
+    """One collect() with a small random network, into a fresh buffer; returns its stats and the buffer."""
+    buffer = UniformReplayBuffer(capacity=10_000, batch_size=1)
+    return collector.collect(MLP((4,), 2, [8]), buffer.add), buffer
 
 
 def cartpole_step(observation, action):
@@ -44,9 +51,8 @@ def test_epsilon_is_one_while_warming_up_then_anneals_over_the_budget_fraction()
 def test_no_stored_transition_spans_two_episodes():
     # Random actions and a 12-step limit: episodes end by termination and by truncation, in both sub-envs.
     torch.manual_seed(0)
-    collector = make_collector(num_envs=2, max_episode_steps=12, frames_per_iteration=400)
-    stats = collector.collect(MLP((4,), 2, [8]))
-    buffer = collector.buffer
+    collector = make_collector(num_envs=2, max_episode_steps=12, env_steps_per_iteration=400)
+    stats, buffer = collect_into_buffer(collector)
     episodes = len(stats.episode_returns)
     assert episodes >= 20
     # Under NEXT_STEP autoreset, the step after each episode's end only resets and must not be stored;
@@ -63,16 +69,16 @@ def test_no_stored_transition_spans_two_episodes():
 
 
 def test_episode_returns_count_raw_rewards():
-    collector = make_collector(num_envs=1, max_episode_steps=7, frames_per_iteration=64)
-    stats = collector.collect(MLP((4,), 2, [8]))
+    collector = make_collector(num_envs=1, max_episode_steps=7, env_steps_per_iteration=64)
+    stats, _ = collect_into_buffer(collector)
     assert stats.episode_returns and all(1 <= r <= 7 for r in stats.episode_returns)
     assert stats.episode_returns == [float(n) for n in stats.episode_lengths]  # CartPole pays 1 per step
 
 
 def test_counts_env_steps_over_all_sub_envs():
-    collector = make_collector(num_envs=4, frames_per_iteration=64)
-    collector.collect(MLP((4,), 2, [8]))
-    collector.collect(MLP((4,), 2, [8]))
+    collector = make_collector(num_envs=4, env_steps_per_iteration=64)
+    collect_into_buffer(collector)
+    collect_into_buffer(collector)
     assert collector.env_steps == 128
 
 
@@ -85,23 +91,24 @@ def test_greedy_actions_once_epsilon_is_zero():
     np.testing.assert_array_equal(collector.act(q_network, observations), expected)
 
 
-def test_frames_per_iteration_must_divide_among_sub_envs():
-    with pytest.raises(ConfigError, match="^frames_per_iteration: expected a multiple of env.num_envs"):
-        make_collector(num_envs=3, frames_per_iteration=64)
+def test_env_steps_per_iteration_must_divide_among_sub_envs():
+    with pytest.raises(ConfigError, match="^env_steps_per_iteration: expected a multiple of env.num_envs"):
+        make_collector(num_envs=3, env_steps_per_iteration=64)
 
 
 def fold(n_step: NStepReturns, steps) -> list[tuple]:
-    """Feed (rewards, terminated, truncated, real) per step, observations numbered by step; collect the output.
+    """Feed (rewards, terminated, truncated, within_episode) per step, observations numbered by step; collect the output.
 
     Returns (env, s, R, s', terminated, k) with s and s' as step numbers."""
     out = []
-    for t, (rewards, terminated, truncated, real) in enumerate(steps):
+    for t, (rewards, terminated, truncated, within_episode) in enumerate(steps):
         num_envs = len(rewards)
         observations = np.array([[t, env] for env in range(num_envs)], dtype=np.float32)
         next_observations = observations + [1, 0]
-        complete = n_step(observations, np.zeros(num_envs, dtype=int), np.array(rewards, dtype=np.float64),
-                          next_observations, np.array(terminated), np.array(truncated), np.array(real))
-        out += [(env, int(s[0]), r, int(s2[0]), bool(term), k) for s, _, r, s2, term, k, env in complete]
+        transitions = n_step(observations, np.zeros(num_envs, dtype=int), np.array(rewards, dtype=np.float64),
+                             next_observations, np.array(terminated), np.array(truncated), np.array(within_episode))
+        complete = [] if transitions is None else list(zip(*transitions))
+        out += [(int(env), int(s[0]), r, int(s2[0]), bool(term), int(k)) for s, _, r, s2, term, k, env in complete]
         assert all(s[1] == env for s, *_, env in complete)  # each transition names the env it came from
     return out
 
@@ -147,10 +154,9 @@ def test_one_step_returns_pass_each_transition_through_at_once():
 
 
 def test_collector_stores_n_step_transitions():
-    collector = make_collector(num_envs=2, n_step=3, gamma=0.5)
-    collector.collect(MLP((4,), 2, [8]))
-    stored = collector.buffer.storage
-    steps = stored.steps[: len(collector.buffer)]
+    _, buffer = collect_into_buffer(make_collector(num_envs=2, n_step=3, gamma=0.5))
+    stored = buffer.storage
+    steps = stored.steps[: len(buffer)]
     assert set(steps.tolist()) <= {1, 2, 3} and (steps == 3).sum() > 0.8 * len(steps)
     # A k < 3 transition is an episode's end (CartPole ends by termination within 64 steps here).
     assert torch.equal(stored.terminated[: len(steps)][steps < 3], torch.ones(int((steps < 3).sum())))

@@ -3,11 +3,15 @@
 import pytest
 import torch
 from omegaconf import OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor
 
 from conftest import CONF_DIR, compose_config
+from rl_pipeline.checkpoints import ResumableCheckpoint
+from rl_pipeline.config import GROUPS, check_settings
 from rl_pipeline.module import DQNModule
+from rl_pipeline.parts import build_module
 from rl_pipeline.tracking import flatten
-from rl_pipeline.train import GROUPS, build_module, check_settings
+from rl_pipeline.train import build_callbacks
 
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))]
 # Options for pixels compose with the Atari preset; every other one with the CartPole one.
@@ -19,7 +23,7 @@ def test_every_group_has_an_option():
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_option_composes_and_builds(group, option):
+def test_option_composes_and_builds(tmp_path, group, option):
     experiment = "dqn_atari" if (group, option) in PIXEL_OPTIONS else "dqn"
     cfg = compose_config(f"+experiment={experiment}", f"{group}={option}", "buffer.capacity=1000", "trainer.eval_episodes=2")
     check_settings(cfg)
@@ -28,6 +32,19 @@ def test_option_composes_and_builds(group, option):
     env = module.evaluator.screen_env
     observation = env.reset(seed=0)[0]
     assert module.policy(torch.as_tensor(observation)).shape == (cfg.trainer.eval_episodes, env.single_action_space.n)
+    callbacks = build_callbacks(cfg, tmp_path)
+    assert {name: type(c).__name__ for name, c in callbacks.items()} == {
+        name: node._target_.rsplit(".", 1)[1] for name, node in cfg.callbacks.items()
+    }
+    last = callbacks["last_checkpoint"]
+    assert isinstance(last, ResumableCheckpoint) and last.path == tmp_path / "last.ckpt"
+    assert last.interval_env_steps == cfg.trainer.checkpoint_interval_env_steps
+
+
+def test_a_callback_added_on_the_command_line_joins_the_run(tmp_path):
+    cfg = compose_config("+experiment=dqn", "+callbacks.lr_monitor={_target_: pytorch_lightning.callbacks.LearningRateMonitor}")
+    callbacks = build_callbacks(cfg, tmp_path)
+    assert list(callbacks) == list(cfg.callbacks) and type(callbacks["lr_monitor"]) is LearningRateMonitor
 
 
 EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))

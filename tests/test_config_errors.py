@@ -1,15 +1,18 @@
 """Mistakes that can be known before training are one ConfigError naming the key, before any MLflow run exists.
 
-In-process through `train(cfg)` with configs that Hydra composes; test_cli.py checks, in subprocesses,
-that such an error reaches the user as one line and a non-zero exit.
+In-process through `train(cfg)` with configs that Hydra composes, one case per class of mistake;
+test_cli.py checks, in subprocesses, that such an error reaches the user as one line and a non-zero exit.
 """
 
 import gymnasium as gym
 import pytest
+from hydra.errors import HydraException
 from torch import nn
 
 from conftest import all_runs, compose_config
-from rl_pipeline.train import check_network_fits, train
+from rl_pipeline.checkpoints import AtomicCheckpointIO
+from rl_pipeline.parts import check_network_fits
+from rl_pipeline.train import train
 from rl_pipeline.validation import ConfigError
 
 TINY = ("+experiment=dqn", "trainer.max_env_steps=1024", "collector.learning_starts=256")
@@ -51,6 +54,45 @@ CASES = [
 ]
 
 
+KEYED = [
+    # (overrides, the key the error names); {other_config}: a checkpoint trained with another config
+    ("+buffer.capcity=3", "buffer.capcity"),  # unknown key, added with +
+    ("+foo=1", "foo"),  # unknown top-level key
+    ("+trainer.foo=1", "trainer.foo"),  # unknown trainer key
+    ("+trainer.lightning.max_epochs=3", "trainer.lightning.max_epochs"),  # the env-step budget decides
+    ("+callbacks.best_checkpoint.dirpath=/tmp", "callbacks.best_checkpoint.dirpath"),  # the run decides
+    ("seed=abc", "seed"),  # wrong type
+    ("buffer.capacity=abc", "buffer.capacity"),  # wrong type
+    ("trainer.max_env_steps=many", "trainer.max_env_steps"),  # wrong type
+    ("trainer.eval_episodes=1.5", "trainer.eval_episodes"),  # wrong type
+    ("loss.loss=l1", "loss.loss"),  # unknown choice
+    ("env.vectorization_mode=threads", "env.vectorization_mode"),  # unknown choice
+    ("env.id=NoSuchEnv-v0", "env.id"),  # unknown env id
+    ("env.id=Pendulum-v1", "env.id"),  # continuous actions: not for DQN
+    ("transforms=atari", "env.id"),  # Atari preprocessing on CartPole
+    ("env=acrobot env.vectorization_mode=vector_entry_point", "env.vectorization_mode"),  # no native vector form
+    ("buffer.batch_size=512 buffer.capacity=100", "buffer.batch_size"),  # a batch larger than the buffer
+    ("collector.env_steps_per_iteration=255", "collector.env_steps_per_iteration"),  # not a multiple of num_envs
+    ("buffer.batch_size=0", "buffer.batch_size"),  # non-positive size
+    ("env.num_envs=-2", "env.num_envs"),  # non-positive size
+    ("network.hidden_sizes=[64,0]", "network.hidden_sizes"),  # non-positive size
+    ("trainer.checkpoint_interval_env_steps=0", "trainer.checkpoint_interval_env_steps"),  # non-positive
+    ("trainer.max_grad_norm=0", "trainer.max_grad_norm"),  # non-positive
+    ("trainer.checkpoint_buffer_max_mb=-1", "trainer.checkpoint_buffer_max_mb"),  # out of range
+    ("optimizer.lr=-1", "optimizer.lr"),  # out of range
+    ("collector.epsilon_end=1.5", "collector.epsilon_end"),  # probability outside [0, 1]
+    ("loss.gamma=-0.1", "loss.gamma"),  # probability outside [0, 1]
+    ("trainer.target_sync_tau=0", "trainer.target_sync_tau"),  # outside (0, 1]
+    ("callbacks.stop_when_solved._target_=no.such.Callback", "callbacks.stop_when_solved._target_"),
+    ("~callbacks.best_checkpoint", "callbacks.best_checkpoint"),  # the exported policy is its best
+    ("~callbacks.last_checkpoint", "callbacks.last_checkpoint"),  # resume= continues from it
+    ("resume=/no/such/run", "resume"),  # a resume path that does not exist
+    ("resume=0123456789abcdef0123456789abcdef", "resume"),  # an unknown run id
+    ("resume=last", "resume"),  # nothing to resume in this store
+    ("resume={other_config}", "resume"),  # a checkpoint of another config
+]
+
+
 @pytest.fixture
 def store(tracking_uri, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
@@ -66,6 +108,27 @@ def test_a_config_mistake_is_one_error_naming_the_key_before_any_run(store, tmp_
     assert "\n" not in str(raised.value)
     assert not all_runs(store)
     assert not (tmp_path / "run").exists()  # nothing written: no checkpoint folder, no lock
+
+
+@pytest.mark.parametrize(("overrides", "key"), KEYED, ids=[o for o, _ in KEYED])
+def test_a_mistake_of_each_kind_names_its_key_before_any_run(store, tmp_path, overrides, key):
+    other_config = tmp_path / "other" / "last.ckpt"
+    run = {"mlflow_run_id": "0" * 32, "config": {"seed": "99"}, "training_done": False}
+    AtomicCheckpointIO().save_checkpoint({"run": run, "state_dict": {}}, other_config)
+    cfg = compose_config(*TINY, *overrides.format(other_config=other_config).split(), f"paths.output_dir={tmp_path / 'run'}")
+    with pytest.raises(ConfigError) as raised:
+        train(cfg)
+    assert raised.value.key == key and "\n" not in str(raised.value)
+    assert not all_runs(store)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("override", "named"), [("network=transformer", "network/transformer"),
+                                                 ("transforms=whiten", "transforms/whiten"),
+                                                 ("optimizer.lrr=0.1", "optimizer.lrr")])  # a new key needs +
+def test_an_unknown_group_option_or_key_is_refused_by_composition_naming_it(override, named):
+    with pytest.raises(HydraException, match=named):
+        compose_config(*TINY, override)
 
 
 @pytest.mark.parametrize(

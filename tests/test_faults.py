@@ -17,8 +17,20 @@ import mlflow
 import pytest
 import torch
 
-from conftest import TINY_RUN, all_runs, cli_env, free_port, mlflow_server_process, read_until, run_cli, start_cli
+from conftest import (
+    TINY_RUN,
+    all_runs,
+    free_port,
+    mlflow_server_process,
+    module_env,
+    read_until,
+    run_cli,
+    start_cli,
+    start_module,
+)
 from rl_pipeline.checkpoints import LAST, AtomicCheckpointIO, RunLock, read_checkpoint
+
+pytestmark = pytest.mark.slow  # each runs the CLI into a fault: a kill, a lost server, a full disk, a damaged store
 
 # Checkpoints every 512 env steps, so that a kill after the first leaves something to resume.
 KILLABLE = ("+experiment=dqn", "seed=0", *TINY_RUN, "trainer.max_env_steps=2048", "trainer.stop_when_solved=false",
@@ -98,11 +110,8 @@ def test_runs_and_a_sweep_started_together_on_a_fresh_store_all_finish(tmp_path,
                   run_dir=tmp_path / f"run{seed}")
         for seed in range(2)
     ]
-    processes.append(subprocess.Popen(
-        [sys.executable, "-m", "rl_pipeline", "-m", "+experiment=dqn", "seed=5,6", *TINY_RUN,
-         f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-        cwd=tmp_path, env=cli_env(tracking_uri), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    ))
+    processes.append(start_module("rl_pipeline", "-m", "+experiment=dqn", "seed=5,6", *TINY_RUN,
+                                  f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, tracking_uri=tracking_uri))
     outputs = [process.communicate(timeout=300)[0] for process in processes]
     assert [process.returncode for process in processes] == [0, 0, 0], outputs
     runs = all_runs(tracking_uri)
@@ -209,7 +218,7 @@ def test_a_full_disk_is_said_in_one_line_and_the_run_ends_failed(tmp_path, track
     # A 300 KB filesystem of its own holds Hydra's files but not the first checkpoint (its replay buffer).
     script = f'mount -t tmpfs -o size=300k tmpfs {disk} && exec "$@"'
     result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", *command],
-                            cwd=tmp_path, env=cli_env(tracking_uri), capture_output=True, text=True, timeout=300)
+                            cwd=tmp_path, env=module_env(tracking_uri), capture_output=True, text=True, timeout=300)
     if "mount" in result.stderr and result.returncode != 5:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()[:200]}")
     assert result.returncode == 5, result.stderr[-3000:]

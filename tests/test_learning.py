@@ -10,6 +10,7 @@ from rl_pipeline.evaluation import evaluate
 FRESH_SEED = 987_654  # no run ever resets an env with these seeds
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", ["dqn", "rainbow_lite"])
 def test_solves_cartpole_and_its_logged_policy_holds_on_fresh_episodes(tmp_path, tracking_uri, experiment):
     result = run_cli(f"+experiment={experiment}", "seed=0", "trainer.lightning.enable_progress_bar=false",

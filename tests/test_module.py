@@ -12,21 +12,22 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch.func import functional_call
 
 from conftest import compose_config
 from rl_pipeline.envs import layers, make_vector_env
 from rl_pipeline.evaluation import Score
-from rl_pipeline.train import STOP_METRIC, build_module, build_trainer, check_settings, fit
+from rl_pipeline.config import check_settings
+from rl_pipeline.parts import build_module
+from rl_pipeline.train import build_callbacks, build_trainer, fit
 from rl_pipeline.transforms import ObservationStatistics
 
 # 8 iterations of 128 env steps (4 envs x 32); updates (3 per iteration) start once 256 steps are collected.
 SMALL = (
     "+experiment=dqn",
     "trainer.max_env_steps=1024",
-    "collector.frames_per_iteration=128",
+    "collector.env_steps_per_iteration=128",
     "collector.learning_starts=256",
     "collector.epsilon_fraction=0",  # ε = epsilon_end from the start: the same ε whatever the budget
     "trainer.updates_per_iteration=3",
@@ -47,15 +48,16 @@ def same(a: dict, b: dict) -> bool:
     return all(torch.equal(a[name], b[name]) for name in a)
 
 
-def fit_module(tmp_path, *overrides: str, before_fit=lambda module: None, checkpoints=()):
+def fit_module(tmp_path, *overrides: str, before_fit=lambda module: None):
+    """As train() fits: the same parts, callbacks and seeding; a CSV logger in place of MLflow's."""
     cfg = compose_config(*SMALL, *overrides, f"paths.output_dir={tmp_path}")
     check_settings(cfg)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # as train() does: same seed, same run
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(cfg)
     before_fit(module)
-    trainer = build_trainer(cfg, module, list(checkpoints))
+    trainer = build_trainer(cfg, module, list(build_callbacks(cfg, tmp_path / "checkpoints").values()))
     trainer.logger = CSVLogger(tmp_path, name="log")
-    fit(trainer, module, None, tmp_path / "last.ckpt")
+    fit(trainer, module, None, tmp_path / "checkpoints" / "last.ckpt")
     return module, trainer
 
 
@@ -73,7 +75,7 @@ def record_updates(module, records: list) -> None:
         out, grad_norm = update(online, target, batch)
         records.append(SimpleNamespace(
             before=before, online=parameters(module.q_network), target=parameters(module.target_network),
-            batch=batch, out=out, grad_norm=grad_norm, num_updates=module.num_updates, env_steps=module.collector.env_steps,
+            batch=batch, out=out, grad_norm=grad_norm, num_updates=module.num_updates, env_steps=module.env_steps,
             priorities=module.buffer.tree[batch.indices.numpy()].copy() if hasattr(module.buffer, "tree") else None,
         ))
         return out, grad_norm
@@ -164,10 +166,10 @@ def test_the_collector_acts_with_the_online_network(tmp_path):
     def before_fit(module):
         collect = module.collector.collect
 
-        def recording(network, frames):
+        def recording(network, store, env_steps):
             with torch.no_grad():
                 acting.append([net(observations) for net in (network, module.q_network, module.target_network)])
-            return collect(network, frames)
+            return collect(network, store, env_steps)
 
         module.collector.collect = recording
 
@@ -217,12 +219,12 @@ def test_evaluation_scores_the_online_policy_and_logs_its_score_at_its_env_step(
 
 
 def record_collections(module, iterations: list) -> None:
-    """Spy on Collector.collect: the frames each iteration asked for and the episodes it saw end."""
+    """Spy on Collector.collect: the env steps each iteration asked for and the episodes it saw end."""
     collect = module.collector.collect
 
-    def recording(network, frames):
-        stats = collect(network, frames)
-        iterations.append(SimpleNamespace(frames=frames, stats=stats, env_steps=module.collector.env_steps))
+    def recording(network, store, env_steps):
+        stats = collect(network, store, env_steps)
+        iterations.append(SimpleNamespace(asked=env_steps, stats=stats, env_steps=module.env_steps))
         return stats
 
     module.collector.collect = recording
@@ -267,7 +269,7 @@ def test_evaluations_fall_exactly_every_interval_and_the_budget_is_spent_exactly
     def before_fit(module):
         record_collections(module, iterations)
         evaluate = module.evaluator
-        module.evaluator = lambda policy: (evaluated.append(module.collector.env_steps), evaluate(policy))[1]
+        module.evaluator = lambda policy: (evaluated.append(module.env_steps), evaluate(policy))[1]
         module.evaluator.solved_return = None
 
     module, trainer = fit_module(
@@ -275,9 +277,9 @@ def test_evaluations_fall_exactly_every_interval_and_the_budget_is_spent_exactly
         before_fit=before_fit,
     )
     assert evaluated == evaluated_at
-    assert module.collector.env_steps == max_env_steps
-    assert all(it.frames <= 128 for it in iterations), "never more than collector.frames_per_iteration"
-    assert [it.env_steps for it in iterations if it.frames < 128] == sorted(set(evaluated_at) - set(range(0, 10**6, 128)))
+    assert module.env_steps == max_env_steps
+    assert all(it.asked <= 128 for it in iterations), "never more than collector.env_steps_per_iteration"
+    assert [it.env_steps for it in iterations if it.asked < 128] == sorted(set(evaluated_at) - set(range(0, 10**6, 128)))
     evals = [int(row["step"]) for row in logged_rows(trainer) if row.get("eval/return_mean")]
     assert evals == evaluated_at
 
@@ -331,12 +333,11 @@ def test_normalized_observations_are_stored_raw_and_normalized_with_the_statisti
 
 def stopped_at(tmp_path, solved_return: float) -> tuple[int, bool]:
     """The env step a run with this threshold stopped at, and whether its best checkpoint counts as solved."""
-    best = ModelCheckpoint(dirpath=tmp_path, monitor=STOP_METRIC, mode="max", save_weights_only=True)
-    module, _ = fit_module(
+    module, trainer = fit_module(
         tmp_path, "trainer.stop_when_solved=true", f"trainer.solved_return={solved_return!r}",
-        "trainer.solved_confirm_episodes=0", checkpoints=[best],
+        "trainer.solved_confirm_episodes=0",
     )
-    return module.collector.env_steps, module.evaluator.solved(float(best.best_model_score))
+    return module.env_steps, module.evaluator.solved(float(trainer.checkpoint_callback.best_model_score))
 
 
 def test_a_run_stops_and_is_solved_when_its_lower_bound_equals_the_threshold(tmp_path):

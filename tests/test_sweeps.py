@@ -2,10 +2,8 @@
 
 import csv
 import json
-import os
 import re
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -14,20 +12,16 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from conftest import TINY_RUN, all_runs
+from conftest import TINY_RUN, all_runs, run_module
+
+pytestmark = pytest.mark.slow  # each runs a sweep of CLI jobs
 
 SWEEP = ("+experiment=dqn", "seed=0,1", "optimizer.lr=0.001,0.0003", *TINY_RUN)
 COMPARISON = {f"comparison/{name}" for name in ("comparison.md", "configurations.csv", "runs.csv", "comparison.png")}
 
 
 def run_sweep(*args: str, cwd: Path, tracking_uri: str | None = None, returncode: int = 0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    if tracking_uri:
-        env["MLFLOW_TRACKING_URI"] = tracking_uri
-    result = subprocess.run(
-        [sys.executable, "-m", "rl_pipeline", "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-    )
+    result = run_module("rl_pipeline", "-m", *args, cwd=cwd, tracking_uri=tracking_uri)
     assert result.returncode == returncode, result.stderr[-3000:]
     return result
 
@@ -143,10 +137,8 @@ def test_optuna_search_runs_its_trials_as_children_and_tags_the_best(tmp_path, t
 def test_compare_cli_rebuilds_the_report_for_a_sweep_and_for_an_experiment(tmp_path, tracking_uri):
     run_sweep("+experiment=dqn", "seed=0,1", *TINY_RUN, cwd=tmp_path, tracking_uri=tracking_uri)
     parent, children = parent_and_children(all_runs(tracking_uri))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
     for target, out in ((parent.info.run_id, tmp_path / "by-sweep"), ("rl_pipeline", tmp_path / "by-experiment")):
-        result = subprocess.run([sys.executable, "-m", "rl_pipeline.compare", target, "--out", str(out)],
-                                env=env, capture_output=True, text=True, timeout=120)
+        result = run_module("rl_pipeline.compare", target, "--out", str(out), tracking_uri=tracking_uri, timeout=120)
         assert result.returncode == 0, result.stderr[-2000:]
         assert {p.name for p in out.iterdir()} == {"comparison.md", "configurations.csv", "runs.csv", "comparison.png"}
         (configuration,) = read_csv(out / "configurations.csv")  # the seeds of one configuration together

@@ -11,7 +11,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import zlib
 from base64 import b64decode
@@ -25,7 +24,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from conftest import TINY_RUN, all_runs, free_port, mlflow_server_process
+from conftest import TINY_RUN, all_runs, free_port, mlflow_server_process, run_module, start_module
 from rl_pipeline import ui
 
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "outputs" / "ui-screenshots"
@@ -37,10 +36,7 @@ def swept_store(tmp_path_factory) -> tuple[str, str, list]:
     """(store URI, sweep id, child runs) of a 4-job sweep."""
     cwd = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{cwd / 'mlflow.db'}"
-    result = subprocess.run(
-        [sys.executable, "-m", "rl_pipeline", "-m", *SWEEP], cwd=cwd, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
-    )
+    result = run_module("rl_pipeline", "-m", *SWEEP, cwd=cwd, tracking_uri=uri)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = all_runs(uri)
     (parent,) = [run for run in runs if run.data.tags.get("sweep_role") == "parent"]
@@ -49,10 +45,7 @@ def swept_store(tmp_path_factory) -> tuple[str, str, list]:
 
 def start_ui(uri: str, *args: str) -> tuple[subprocess.Popen, list[str]]:
     """`python -m rl_pipeline.ui ARGS` in the background, and the lines it printed until it served."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "rl_pipeline.ui", *args], env={**os.environ, "MLFLOW_TRACKING_URI": uri},
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
-    )
+    process = start_module("rl_pipeline.ui", *args, tracking_uri=uri, stderr=subprocess.DEVNULL, start_new_session=True)
     lines = []
     for line in process.stdout:
         lines.append(line.strip())
@@ -100,6 +93,7 @@ def chart_sections(text: str) -> list[str]:
     return [lines[i - 1] for i in range(1, len(lines)) if re.fullmatch(r"\(\d+\)", lines[i])]
 
 
+@pytest.mark.slow
 def test_the_links_that_ui_prints_open_the_comparison_in_a_real_browser(swept_store, browser):
     uri, sweep_id, children = swept_store
     names = [child.info.run_name for child in children]
@@ -146,19 +140,18 @@ def test_the_links_that_ui_prints_open_the_comparison_in_a_real_browser(swept_st
         stop(server)
 
 
+@pytest.mark.slow
 def test_ui_against_a_server_prints_its_links_and_exits(swept_store):
     uri, sweep_id, _ = swept_store
     with mlflow_server_process(Path(uri.removeprefix("sqlite:///")), free_port()) as server:
-        result = subprocess.run(
-            [sys.executable, "-m", "rl_pipeline.ui", sweep_id], env={**os.environ, "MLFLOW_TRACKING_URI": server},
-            capture_output=True, text=True, timeout=60,
-        )
+        result = run_module("rl_pipeline.ui", sweep_id, tracking_uri=server, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     sweep_page, comparison_page = links(result.stdout.splitlines())
     assert sweep_page.startswith(f"{server}/#/experiments/") and sweep_page.endswith(f"viewStateShareKey=sweep-{sweep_id}")
     assert comparison_page.endswith(f"/runs/{sweep_id}/artifacts/comparison/comparison.png?workflowType=machine_learning")
 
 
+@pytest.mark.slow
 def test_a_sweep_view_groups_its_children_and_charts_curves_only(swept_store):
     uri, sweep_id, children = swept_store
     client = mlflow.MlflowClient(uri)
@@ -176,10 +169,7 @@ def test_a_sweep_view_groups_its_children_and_charts_curves_only(swept_store):
 
 
 def test_ui_without_a_store_says_so_in_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "rl_pipeline.ui"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
-        env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'none.db'}"},
-    )
+    result = run_module("rl_pipeline.ui", cwd=tmp_path, tracking_uri=f"sqlite:///{tmp_path / 'none.db'}", timeout=60)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip() == (
         f"ui: no MLflow store at {tmp_path / 'none.db'} yet; train a run first (or set MLFLOW_TRACKING_URI)"

@@ -1,0 +1,139 @@
+"""The composed config, checked: keys that no part takes, and the settings that no part checks itself.
+
+`build` instantiates a part with Hydra and reports a mistake against its full key; `check_settings`
+checks the top level, trainer, logger and seed. Both run before any MLflow run exists.
+"""
+
+import inspect
+import logging
+from pathlib import Path
+
+from hydra.errors import InstantiationException
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from rl_pipeline.validation import (
+    ConfigError,
+    boolean,
+    expected,
+    non_negative_int,
+    positive_int,
+    positive_number,
+    probability,
+)
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = (
+    "env", "transforms", "network", "loss", "buffer", "optimizer", "collector", "callbacks", "trainer", "logger",
+)
+TOP_LEVEL_KEYS = {*GROUPS, "seed", "paths", "resume"}
+TRAINER_KEYS = set(OmegaConf.load(CONF_DIR / "trainer" / "default.yaml"))
+MAX_SEED = 2**32 - 1  # numpy's limit
+MAX_EXPERIMENT_NAME = 500  # MLflow's limit
+
+
+def check_no_unknown_keys(keys, prefix: str, known: set[str]) -> None:
+    unknown = sorted(set(keys) - known)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}", f"unknown key; expected one of {', '.join(sorted(known))}")
+
+
+def target_of(node: DictConfig, key: str):
+    """The class or function that `node` instantiates."""
+    try:
+        return get_object(node._target_)
+    except Exception:
+        raise expected(f"{key}._target_", "an importable class or function", node.get("_target_")) from None
+
+
+def check_keys(node: DictConfig, key: str, runtime_kwargs) -> None:
+    """Every key of `node` must be an argument of its target that the pipeline does not pass itself."""
+    params = inspect.signature(target_of(node, key)).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    for name in node:
+        if name in runtime_kwargs:
+            raise ConfigError(f"{key}.{name}", "set by the pipeline itself; remove it from the config")
+    settable = {name for name in params if name not in runtime_kwargs and name not in ("self", "params")}
+    check_no_unknown_keys([name for name in node if not name.startswith("_")], f"{key}.", settable)
+
+
+def build(node: DictConfig, key: str, **runtime_kwargs):
+    """hydra.utils.instantiate, with a config mistake reported against its full key."""
+    log.info("Instantiating %s <%s>", key, node.get("_target_"))
+    check_keys(node, key, runtime_kwargs)
+    try:
+        return instantiate(node, **runtime_kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause.within(key) from None
+        raise ConfigError(key, str(cause or error).splitlines()[0]) from None
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """The settings that no instantiated part checks: top-level keys, trainer, devices, logger, seed."""
+    check_no_unknown_keys(cfg, "", TOP_LEVEL_KEYS)
+    check_no_unknown_keys(cfg.trainer, "trainer.", TRAINER_KEYS)
+    check_keys(cfg.logger, "logger", ("tracking_uri", "run_id"))
+    check_logger(cfg.logger)
+    if non_negative_int("seed", cfg.seed) > MAX_SEED:
+        raise expected("seed", f"an integer in [0, {MAX_SEED}]", cfg.seed)
+    check_devices(cfg.trainer.lightning)
+    t = cfg.trainer
+    for key in ("max_env_steps", "updates_per_iteration", "target_sync_interval_updates",
+                "eval_interval_env_steps", "eval_episodes", "test_episodes", "checkpoint_interval_env_steps"):
+        positive_int(f"trainer.{key}", t[key])
+    if not (isinstance(t.checkpoint_buffer_max_mb, (int, float)) and t.checkpoint_buffer_max_mb >= 0):
+        raise expected("trainer.checkpoint_buffer_max_mb", "a number >= 0", t.checkpoint_buffer_max_mb)
+    non_negative_int("trainer.eval_seed", t.eval_seed)
+    non_negative_int("trainer.solved_confirm_episodes", t.solved_confirm_episodes)
+    check_test_seeds(t)
+    probability("trainer.target_sync_tau", t.target_sync_tau)
+    if t.target_sync_tau == 0:
+        raise expected("trainer.target_sync_tau", "a number in (0, 1]", 0)
+    boolean("trainer.stop_when_solved", t.stop_when_solved)
+    if t.max_grad_norm is not None:
+        positive_number("trainer.max_grad_norm", t.max_grad_norm)
+    if t.solved_return is not None and not isinstance(t.solved_return, (int, float)):
+        raise expected("trainer.solved_return", "a number, or null for the env's reward threshold", t.solved_return)
+    learning_starts = cfg.collector.get("learning_starts", 0)
+    if isinstance(learning_starts, int) and t.max_env_steps < learning_starts:
+        raise expected(
+            "trainer.max_env_steps", f"at least collector.learning_starts ({learning_starts}), or no update ever happens",
+            t.max_env_steps,
+        )
+
+
+def check_test_seeds(t: DictConfig) -> None:
+    """The test episodes' seeds must be ones that evaluation (screening or confirmation) never plays."""
+    if non_negative_int("trainer.test_seed", t.test_seed) + t.test_episodes > MAX_SEED + 1:
+        raise expected("trainer.test_seed", f"seeds up to {MAX_SEED} for trainer.test_episodes episodes", t.test_seed)
+    evaluation = range(t.eval_seed, t.eval_seed + t.eval_episodes + t.solved_confirm_episodes)
+    test = range(t.test_seed, t.test_seed + t.test_episodes)
+    if max(evaluation.start, test.start) < min(evaluation.stop, test.stop):
+        raise expected(
+            "trainer.test_seed",
+            f"test seeds apart from evaluation's ({evaluation.start} .. {evaluation.stop - 1}, from trainer.eval_seed, "
+            f"eval_episodes and solved_confirm_episodes); {t.test_seed} .. {test.stop - 1} overlap them",
+            t.test_seed,
+        )
+
+
+def check_logger(logger: DictConfig) -> None:
+    name = logger.experiment_name
+    if not (isinstance(name, str) and name.strip() and len(name) <= MAX_EXPERIMENT_NAME):
+        raise expected("logger.experiment_name", f"a name of 1 to {MAX_EXPERIMENT_NAME} characters", name)
+    if logger.run_name is not None and not isinstance(logger.run_name, str):
+        raise expected("logger.run_name", "a string, or null to name the run by its overrides", logger.run_name)
+    positive_number("logger.server_timeout_s", logger.server_timeout_s)
+
+
+def check_devices(lightning: DictConfig) -> None:
+    """One process trains a run: several devices would each open a run and split the budget."""
+    devices = lightning.get("devices", 1)
+    one = devices in (1, "1") or (OmegaConf.is_list(devices) and len(devices) == 1)
+    if not one:
+        raise expected("trainer.lightning.devices", "1 or a list of one device index (sweep to use more)", devices)

@@ -1,0 +1,147 @@
+"""Every part of the agent, built from its config group and checked against the others it meets."""
+
+import os
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from rl_pipeline.config import build
+from rl_pipeline.envs import (
+    registered_spec,
+    require_array_observations,
+    require_discrete_actions,
+    sub_env_wrappers,
+    wrap_for_training,
+)
+from rl_pipeline.evaluation import Evaluator
+from rl_pipeline.module import DQNModule
+from rl_pipeline.schedule import Schedule
+from rl_pipeline.validation import ConfigError, expected, positive_number
+
+
+def build_transforms(cfg: DictConfig) -> list:
+    return [build(node, f"transforms.{name}") for name, node in cfg.transforms.items()]
+
+
+def build_env(cfg: DictConfig, transforms: list, **kwargs):
+    """The env of cfg.env with the sub-env transforms, which the policy's input includes."""
+    return build(cfg.env, "env", wrappers=sub_env_wrappers(transforms), **kwargs)
+
+
+def eval_env_maker(cfg: DictConfig, transforms: list):
+    """num_envs -> the env of cfg.env, stepped in this process so that sub-env i resets with seed + i."""
+    def make_env(num_envs: int):
+        return build_env(cfg, transforms, num_envs=num_envs, vectorization_mode="sync")
+
+    return make_env
+
+
+def solved_return(cfg: DictConfig) -> float | None:
+    """The stop threshold: trainer.solved_return, else the env's in gymnasium's registry; None when not stopping early."""
+    if not cfg.trainer.stop_when_solved:
+        return None
+    if cfg.trainer.solved_return is not None:
+        return cfg.trainer.solved_return
+    return registered_spec(cfg.env.id).reward_threshold
+
+
+def build_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
+    if "lr" in cfg.optimizer:
+        positive_number("optimizer.lr", cfg.optimizer.lr)
+    make_optimizer = build(cfg.optimizer, "optimizer")
+    try:
+        return make_optimizer(params)
+    except Exception as error:  # torch's own argument checks: ValueError, TypeError, IndexError (betas=[0.9])
+        raise ConfigError("optimizer", f"{type(error).__name__}: {str(error).splitlines()[0]}") from None
+
+
+def check_network_fits(q_network: nn.Module, space, num_actions: int) -> None:
+    """The network must map a batch of the env's observations to one value per action."""
+    example = torch.as_tensor(np.zeros((1, *space.shape), dtype=space.dtype))
+    try:
+        with torch.no_grad():
+            shape = tuple(q_network(example).shape)
+    except Exception as error:
+        raise ConfigError(
+            "network", f"cannot take the env's observations of shape {space.shape} ({space.dtype}): "
+            f"{str(error).splitlines()[0]}"
+        ) from None
+    if shape != (1, num_actions):
+        raise ConfigError("network", f"expected Q-values of shape (1, {num_actions}) for one observation, got {shape}")
+
+
+def check_buffer_holds_episode_ends(cfg: DictConfig, buffer, num_envs: int) -> None:
+    """An episode's end releases up to n_step transitions per sub-env in one add."""
+    needed = cfg.collector.get("n_step", 1) * num_envs
+    if buffer.capacity < needed:
+        raise expected(
+            "buffer.capacity", f"at least collector.n_step x env.num_envs ({needed}), the transitions one step can add",
+            buffer.capacity,
+        )
+
+
+def check_buffer_fits(buffer, space) -> None:
+    """A buffer that cannot be allocated is refused now, not at its first add, mid-run."""
+    needed = buffer.planned_nbytes(space.shape, space.dtype)
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available:
+        raise ConfigError(
+            "buffer.capacity", f"expected a buffer that fits in memory: {buffer.capacity} transitions of "
+            f"{space.shape} {space.dtype} take {needed / 2**30:,.1f} GiB, this machine has {available / 2**30:,.1f} GiB",
+        )
+
+
+def build_evaluator(cfg: DictConfig, transforms: list) -> Evaluator:
+    return Evaluator(
+        eval_env_maker(cfg, transforms),
+        episodes=cfg.trainer.eval_episodes,
+        seed=cfg.trainer.eval_seed,
+        solved_return=solved_return(cfg),
+        confirm_episodes=cfg.trainer.solved_confirm_episodes,
+    )
+
+
+def build_schedule(cfg: DictConfig, num_envs: int) -> Schedule:
+    """Evaluations and the budget's end fall on whole vector steps, or the run could not keep to them."""
+    for key in ("eval_interval_env_steps", "max_env_steps"):
+        if cfg.trainer[key] % num_envs:
+            raise expected(
+                f"trainer.{key}", f"a multiple of env.num_envs ({num_envs}), the env steps of one vector step",
+                cfg.trainer[key],
+            )
+    return Schedule(
+        cfg.collector.env_steps_per_iteration, cfg.trainer.eval_interval_env_steps, cfg.trainer.max_env_steps
+    )
+
+
+def build_module(cfg: DictConfig) -> DQNModule:
+    """Every part, in data-flow order; all config mistakes surface here, before MLflow or training."""
+    transforms = build_transforms(cfg)
+    env = build_env(cfg, transforms)
+    try:
+        num_actions = require_discrete_actions(env)
+        space = require_array_observations(env)
+    except ConfigError as error:
+        raise error.within("env") from None
+    q_network = build(cfg.network, "network", observation_shape=space.shape, num_actions=num_actions)
+    check_network_fits(q_network, space, num_actions)
+    buffer = build(cfg.buffer, "buffer")
+    check_buffer_holds_episode_ends(cfg, buffer, env.num_envs)
+    check_buffer_fits(buffer, space)
+    return DQNModule(
+        q_network=q_network,
+        loss_fn=build(cfg.loss, "loss"),
+        buffer=buffer,
+        collector=build(cfg.collector, "collector", env=wrap_for_training(env, transforms)),
+        optimizer=build_optimizer(cfg, q_network.parameters()),
+        transforms=transforms,
+        evaluator=build_evaluator(cfg, transforms),
+        schedule=build_schedule(cfg, env.num_envs),
+        updates_per_iteration=cfg.trainer.updates_per_iteration,
+        target_sync_interval_updates=cfg.trainer.target_sync_interval_updates,
+        target_sync_tau=cfg.trainer.target_sync_tau,
+        max_grad_norm=cfg.trainer.max_grad_norm,
+        checkpoint_buffer_max_bytes=cfg.trainer.checkpoint_buffer_max_mb * 2**20,
+    )
