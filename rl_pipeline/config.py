@@ -42,10 +42,11 @@ def check_no_unknown_keys(keys, prefix: str, known: set[str]) -> None:
 
 def target_of(node: DictConfig, key: str):
     """The class or function that `node` instantiates."""
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
     try:
-        return get_object(node._target_)
+        return get_object(target)
     except Exception:
-        raise expected(f"{key}._target_", "an importable class or function", node.get("_target_")) from None
+        raise expected(f"{key}._target_", "an importable class or function", target) from None
 
 
 def check_keys(node: DictConfig, key: str, runtime_kwargs) -> None:

@@ -50,6 +50,8 @@ def build_callbacks(cfg: DictConfig, checkpoint_dir: Path) -> dict[str, pl.Callb
     }
     callbacks = {}
     for name, node in cfg.callbacks.items():
+        if node is None:  # switched off: callbacks.NAME=null
+            continue
         key = f"callbacks.{name}"
         target = target_of(node, key)
         if not inspect.isclass(target):

@@ -38,6 +38,21 @@ def tracking_uri(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
+@pytest.fixture
+def train_here(tmp_path, monkeypatch):
+    """train(cfg) in this process, as `python -m rl_pipeline OVERRIDES` runs it but for Hydra's job
+    bookkeeping (run name and group options), and without a second interpreter's start-up."""
+    from rl_pipeline.train import train
+
+    def run(*overrides: str, tracking_uri: str, output_dir: Path | None = None) -> float:
+        output_dir = output_dir or tmp_path / "run"
+        output_dir.mkdir(parents=True, exist_ok=True)  # as Hydra makes its run dir
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        return train(compose_config(*overrides, f"paths.output_dir={output_dir}"))
+
+    return run
+
+
 def module_env(tracking_uri: str | None) -> dict[str, str]:
     """This environment, unbuffered, with MLFLOW_TRACKING_URI at `tracking_uri` (unset for None: the default store)."""
     env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}

@@ -152,9 +152,8 @@ def test_logged_model_maps_raw_observations_to_q_values_at_any_batch_size(tiny_r
 
 
 @pytest.mark.slow
-def test_logged_model_carries_the_frozen_observation_normalization(tmp_path, tracking_uri):
-    result = run_cli("+experiment=dqn", "transforms=normalize_obs", *TINY_RUN, cwd=tmp_path, tracking_uri=tracking_uri)
-    assert result.returncode == 0, result.stderr[-2000:]
+def test_logged_model_carries_the_frozen_observation_normalization(train_here, tracking_uri):
+    train_here("+experiment=dqn", "transforms=normalize_obs", *TINY_RUN, tracking_uri=tracking_uri)
     (run,) = all_runs(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     normalizer, q_network = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
@@ -172,7 +171,7 @@ def test_logged_model_carries_the_frozen_observation_normalization(tmp_path, tra
     [(signal.SIGINT, 1, "run id", True), (signal.SIGTERM, 128 + signal.SIGTERM, "run dir", False)],
 )
 def test_interrupted_run_saves_a_checkpoint_ends_killed_and_resumes_to_finished(
-    tmp_path, tracking_uri, signum, exit_code, resume_by, keep_buffer
+    tmp_path, tracking_uri, train_here, signum, exit_code, resume_by, keep_buffer
 ):
     budget = ("trainer.max_env_steps=10240", "trainer.stop_when_solved=false", "trainer.checkpoint_interval_env_steps=2560",
               "trainer.eval_interval_env_steps=2560")  # iterations of 256 env steps, all whole
@@ -195,10 +194,8 @@ def test_interrupted_run_saves_a_checkpoint_ends_killed_and_resumes_to_finished(
     assert checkpoint["run"]["mlflow_run_id"] == run.info.run_id
 
     where = run.info.run_id if resume_by == "run id" else str(tmp_path / "run")
-    (tmp_path / "resumed").mkdir()
-    resumed = run_cli("+experiment=dqn", *budget, "trainer.lightning.enable_progress_bar=false", f"resume={where}",
-                      cwd=tmp_path / "resumed", tracking_uri=tracking_uri)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    train_here("+experiment=dqn", *budget, "trainer.lightning.enable_progress_bar=false", f"resume={where}",
+               tracking_uri=tracking_uri, output_dir=tmp_path / "resumed")
     (run,) = all_runs(tracking_uri)
     assert run.info.status == "FINISHED" and run.data.metrics["final/env_steps"] == 10240
     epsilon_steps = [m.step for m in mlflow.MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "train/epsilon")]
@@ -253,21 +250,19 @@ def test_unreachable_tracking_server_fails_fast_naming_the_variable(tmp_path):
 
 
 @pytest.mark.slow
-def test_another_env_option_trains_through_the_same_pipeline(tmp_path, tracking_uri):
-    result = run_cli("+experiment=dqn", "env=acrobot", *TINY_RUN, cwd=tmp_path, tracking_uri=tracking_uri)
-    assert result.returncode == 0, result.stderr[-2000:]
+def test_another_env_option_trains_through_the_same_pipeline(train_here, tracking_uri):
+    train_here("+experiment=dqn", "env=acrobot", *TINY_RUN, tracking_uri=tracking_uri)
     (run,) = all_runs(tracking_uri)
     assert run.info.status == "FINISHED" and run.data.params["env.id"] == "Acrobot-v1"
 
 
 @pytest.mark.slow
-def test_dqn_atari_trains_pong_on_pixels_and_logs_a_model_that_takes_stacked_frames(tmp_path, tracking_uri):
-    result = run_cli(
+def test_dqn_atari_trains_pong_on_pixels_and_logs_a_model_that_takes_stacked_frames(train_here, tracking_uri):
+    train_here(
         "+experiment=dqn_atari", "trainer.max_env_steps=3072", "collector.learning_starts=2048",
         "trainer.updates_per_iteration=8", "trainer.eval_interval_env_steps=3072", "trainer.eval_episodes=1",
-        "buffer.capacity=5000", "trainer.lightning.enable_progress_bar=false", cwd=tmp_path, tracking_uri=tracking_uri,
+        "buffer.capacity=5000", "trainer.lightning.enable_progress_bar=false", tracking_uri=tracking_uri,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     (run,) = all_runs(tracking_uri)
     assert run.info.status == "FINISHED" and run.data.params["env.id"] == "ale_py:ALE/Pong-v5"
     assert run.data.metrics["final/env_steps"] == 3072 and "train/loss" in run.data.metrics
@@ -280,7 +275,8 @@ def test_dqn_atari_trains_pong_on_pixels_and_logs_a_model_that_takes_stacked_fra
 def test_same_config_and_seed_give_identical_metrics_at_every_step(tmp_path):
     def metric_histories(name: str, *overrides: str) -> dict:
         uri = f"sqlite:///{tmp_path / name}.db"
-        result = run_cli("+experiment=dqn", "seed=5", *TINY_RUN, *overrides, cwd=tmp_path, tracking_uri=uri)
+        result = run_cli("+experiment=dqn", "seed=5", *TINY_RUN, *overrides, cwd=tmp_path, tracking_uri=uri,
+                         run_dir=tmp_path / name)
         assert result.returncode == 0, result.stderr[-2000:]
         (run,) = all_runs(uri)
         client = mlflow.MlflowClient(uri)

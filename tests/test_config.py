@@ -47,6 +47,11 @@ def test_a_callback_added_on_the_command_line_joins_the_run(tmp_path):
     assert list(callbacks) == list(cfg.callbacks) and type(callbacks["lr_monitor"]) is LearningRateMonitor
 
 
+def test_a_callback_set_to_null_is_left_out(tmp_path):
+    cfg = compose_config("+experiment=dqn", "callbacks.progress_bar=null", "callbacks.stop_when_solved=null")
+    assert list(build_callbacks(cfg, tmp_path)) == ["best_checkpoint", "last_checkpoint", "stop_at_iteration_end"]
+
+
 EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
 
 

@@ -85,6 +85,8 @@ KEYED = [
     ("trainer.target_sync_tau=0", "trainer.target_sync_tau"),  # outside (0, 1]
     ("callbacks.stop_when_solved._target_=no.such.Callback", "callbacks.stop_when_solved._target_"),
     ("~callbacks.best_checkpoint", "callbacks.best_checkpoint"),  # the exported policy is its best
+    ("callbacks.last_checkpoint=null", "callbacks.last_checkpoint"),
+    ("+callbacks.five=5", "callbacks.five._target_"),  # not a callback's config
     ("~callbacks.last_checkpoint", "callbacks.last_checkpoint"),  # resume= continues from it
     ("resume=/no/such/run", "resume"),  # a resume path that does not exist
     ("resume=0123456789abcdef0123456789abcdef", "resume"),  # an unknown run id

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import all_runs, run_cli, start_cli
+from conftest import all_runs, start_cli
 from rl_pipeline.checkpoints import AtomicCheckpointIO, check_same_config
 from rl_pipeline.envs import env_state, make_vector_env, restore_env_state, sub_env_wrappers, wrap_for_training
 from rl_pipeline.tracking import MLFlowLogger
@@ -31,11 +31,9 @@ def metric_histories(uri: str) -> dict[str, list]:
 
 
 @pytest.mark.slow
-def test_a_run_killed_at_half_its_budget_resumes_to_the_same_result(tmp_path):
+def test_a_run_killed_at_half_its_budget_resumes_to_the_same_result(tmp_path, train_here):
     unkilled_uri, killed_uri = f"sqlite:///{tmp_path / 'unkilled.db'}", f"sqlite:///{tmp_path / 'killed.db'}"
-    (tmp_path / "unkilled").mkdir()
-    unkilled = run_cli(*RUN, cwd=tmp_path / "unkilled", tracking_uri=unkilled_uri)
-    assert unkilled.returncode == 0, unkilled.stderr[-3000:]
+    train_here(*RUN, tracking_uri=unkilled_uri, output_dir=tmp_path / "unkilled")
 
     process = start_cli(*RUN, cwd=tmp_path, tracking_uri=killed_uri, run_dir=tmp_path / "run")
     try:
@@ -49,8 +47,7 @@ def test_a_run_killed_at_half_its_budget_resumes_to_the_same_result(tmp_path):
     assert killed.info.status == "RUNNING"  # SIGKILL leaves no chance to say otherwise
     logged_before_resume = len(metric_histories(killed_uri)["train/epsilon"])
 
-    resumed = run_cli(*RUN, "resume=last", cwd=tmp_path, tracking_uri=killed_uri)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    train_here(*RUN, "resume=last", tracking_uri=killed_uri, output_dir=tmp_path / "resumed")
     (run,) = all_runs(killed_uri)
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
     (reference,) = all_runs(unkilled_uri)

@@ -13,6 +13,7 @@ import pytest
 from scipy import stats
 
 from conftest import TINY_RUN, all_runs, run_module
+from rl_pipeline import compare
 
 pytestmark = pytest.mark.slow  # each runs a sweep of CLI jobs
 
@@ -134,12 +135,15 @@ def test_optuna_search_runs_its_trials_as_children_and_tags_the_best(tmp_path, t
         assert parent.data.tags[f"best.{key}"] == best.data.params[key]
 
 
-def test_compare_cli_rebuilds_the_report_for_a_sweep_and_for_an_experiment(tmp_path, tracking_uri):
+def test_compare_cli_rebuilds_the_report_for_a_sweep_and_for_an_experiment(tmp_path, tracking_uri, monkeypatch):
     run_sweep("+experiment=dqn", "seed=0,1", *TINY_RUN, cwd=tmp_path, tracking_uri=tracking_uri)
     parent, children = parent_and_children(all_runs(tracking_uri))
-    for target, out in ((parent.info.run_id, tmp_path / "by-sweep"), ("rl_pipeline", tmp_path / "by-experiment")):
-        result = run_module("rl_pipeline.compare", target, "--out", str(out), tracking_uri=tracking_uri, timeout=120)
-        assert result.returncode == 0, result.stderr[-2000:]
+    result = run_module("rl_pipeline.compare", parent.info.run_id, "--out", str(tmp_path / "by-sweep"),
+                        tracking_uri=tracking_uri, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    compare.main(["rl_pipeline", "--out", str(tmp_path / "by-experiment")])  # the same, as a call
+    for out in (tmp_path / "by-sweep", tmp_path / "by-experiment"):
         assert {p.name for p in out.iterdir()} == {"comparison.md", "configurations.csv", "runs.csv", "comparison.png"}
         (configuration,) = read_csv(out / "configurations.csv")  # the seeds of one configuration together
         assert configuration["configuration"] == "all runs" and configuration["runs"] == "2"
