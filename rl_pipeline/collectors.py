@@ -56,7 +56,7 @@ class NStepReturns:
 
 
 class Collector:
-    """Steps `env` for `env_steps_per_iteration` env steps (summed over its sub-envs) per `collect()` call, unless told fewer.
+    """Steps `env` `env_steps_per_iteration` times per `collect()` call (counted over its sub-envs), unless told fewer.
 
     Actions are uniformly random until `learning_starts` env steps, then ε-greedy on the Q-network
     with ε annealed linearly from `epsilon_start` to `epsilon_end` over `epsilon_fraction` of the
@@ -109,7 +109,6 @@ class Collector:
             return 1.0
         return linear_schedule(self.epsilon_start, self.epsilon_end, self.epsilon_duration, self.env_steps)
 
-    @torch.no_grad()
     def act(self, q_network: nn.Module, observations: np.ndarray) -> np.ndarray:
         explore = torch.rand(self.num_envs) < self.epsilon
         random_actions = torch.randint(int(self.env.single_action_space.n), (self.num_envs,)).numpy()

@@ -39,7 +39,7 @@ def eval_env_maker(cfg: DictConfig, transforms: list):
 
 
 def solved_return(cfg: DictConfig) -> float | None:
-    """The stop threshold: trainer.solved_return, else the env's in gymnasium's registry; None when not stopping early."""
+    """The stop threshold: trainer.solved_return, else the env's in gymnasium's registry; None: no early stop."""
     if not cfg.trainer.stop_when_solved:
         return None
     if cfg.trainer.solved_return is not None:
