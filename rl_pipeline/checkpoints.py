@@ -13,6 +13,8 @@ import logging
 import os
 import re
 import signal
+import sys
+import sysconfig
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +39,7 @@ CHECKSUM = b"rl_pipeline sha256:"  # the trailer's prefix; the 32-byte digest fo
 TRAILER_BYTES = len(CHECKSUM) + 32
 CHECKPOINT_TAG = "checkpoint"  # on each MLflow run: the path of its last.ckpt
 RUN_ID = re.compile(r"[0-9a-f]{32}")
+LIBRARY_DIRS = tuple({sysconfig.get_path(name) for name in ("stdlib", "platstdlib", "purelib", "platlib")})
 # Where a job writes and how long it waits for a server, not what it trains: these may differ
 # between a run and its resume.
 NOT_CONFIG = ("resume", "paths.output_dir", "logger.server_timeout_s")
@@ -215,11 +218,21 @@ class Resume:
     training_done: bool  # only the export is left to do
 
 
+def in_library(frame) -> bool:
+    """Whether the main thread was interrupted in the standard library, an installed package or the import machinery."""
+    filename = frame.f_code.co_filename if frame is not None else "<unknown>"
+    return filename.startswith(("<", *LIBRARY_DIRS))
+
+
 class SigtermExits:
     """From entering until leaving, SIGTERM exits (SystemExit 143, so the MLflow run ends KILLED).
 
     Inside `lightning_fit()` Lightning's own handler takes over: it stops at the next batch boundary,
     after a checkpoint. A SIGTERM that reached fit after its last batch boundary exits once fit returns.
+    Elsewhere a SIGTERM that finds the main thread in the standard library or an installed package
+    exits at the next line outside them, once that call returns: raised inside one, SystemExit can
+    leave an import lock held (MLflow's system-metrics thread then waits on it forever) or an SQLite
+    write open (ending the run KILLED then finds the store locked).
     """
 
     EXIT_CODE = 128 + signal.SIGTERM
@@ -232,12 +245,30 @@ class SigtermExits:
         return self
 
     def __exit__(self, *exc_info) -> None:
+        sys.settrace(None)
         signal.signal(signal.SIGTERM, self.previous_handler)
 
     def handle(self, signum, frame) -> None:
         self.received = True
-        if not self.fitting:
+        if self.fitting:
+            return
+        if not in_library(frame):
             raise SystemExit(self.EXIT_CODE)
+        self.exit_outside_libraries(frame)
+
+    def exit_outside_libraries(self, frame) -> None:
+        """Trace the main thread: the first line it runs outside the libraries raises SystemExit."""
+        def trace(frame, event, arg):
+            if in_library(frame) or frame.f_code is SigtermExits.__exit__.__code__:  # that one restores the handler
+                return None
+            sys.settrace(None)
+            raise SystemExit(self.EXIT_CODE)
+
+        while frame is not None:  # the callers waiting for the library to return
+            if not in_library(frame):
+                frame.f_trace = trace
+            frame = frame.f_back
+        sys.settrace(trace)  # frames' own f_trace only runs while a trace function is set
 
     @contextmanager
     def lightning_fit(self) -> Iterator[None]:

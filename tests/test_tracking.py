@@ -1,6 +1,8 @@
 import os
 import re
 import signal
+import textwrap
+import threading
 import time
 from contextlib import nullcontext
 
@@ -77,6 +79,17 @@ def test_sigterm_from_the_run_start_on_ends_the_run_killed(store):
     (run,) = all_runs(store)
     assert run.info.status == "KILLED"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the previous handler is back
+
+
+def test_sigterm_inside_a_library_exits_once_the_call_returns():
+    # Raised inside a library, SystemExit could leave an import lock or an SQLite write behind.
+    finished, started = [], time.monotonic()
+    with pytest.raises(SystemExit) as exited, SigtermExits():
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        finished.append(textwrap.fill("word " * 1_000_000, width=50))  # about a second of stdlib Python
+        time.sleep(10)  # never slept through: the exit comes here
+    assert finished, "the library call was cut short"
+    assert exited.value.code == 128 + signal.SIGTERM and time.monotonic() - started < 8
 
 
 def test_sigterm_during_lightning_fit_waits_for_fit_to_return():
