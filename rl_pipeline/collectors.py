@@ -41,8 +41,14 @@ class NStepReturns:
 
         `within_episode` masks out the sub-envs whose step was a reset: their (s, s') spans two episodes.
         """
+        envs = np.flatnonzero(within_episode)
+        if self.n == 1:  # each step is a whole transition: the same arrays as below, without the per-env loop
+            if not len(envs):
+                return None
+            return Transitions(observations[envs], actions[envs], rewards[envs], next_observations[envs],
+                               terminated[envs], np.ones(len(envs), dtype=np.int64), envs)
         complete = []
-        for env in np.flatnonzero(within_episode):
+        for env in envs:
             pending = self.pending[env]
             pending.append((observations[env], actions[env], rewards[env]))
             ended = terminated[env] or truncated[env]

@@ -1,7 +1,6 @@
 """The LightningModule: one training_step is one DQN iteration, one validation is a greedy evaluation."""
 
 import copy
-import math
 import random
 import time
 
@@ -152,14 +151,19 @@ class DQNModule(pl.LightningModule):
             )
         optimizer.zero_grad()
         self.manual_backward(out.loss)
-        max_norm = math.inf if self.max_grad_norm is None else self.max_grad_norm  # inf: measured, never clipped
-        grad_norm = nn.utils.clip_grad_norm_(self.q_network.parameters(), max_norm)
+        grad_norm = self.clip_gradient()
         optimizer.step()
         self.buffer.update_priorities(batch.indices, out.td_error)
         self.num_updates += 1
         if self.num_updates % self.target_sync_interval_updates == 0:
             update_target(self.target_network, self.q_network, self.target_sync_tau)
         return out, grad_norm
+
+    def clip_gradient(self) -> torch.Tensor:
+        """Clips the gradient's norm to max_grad_norm, where that is set; returns the norm before clipping."""
+        if self.max_grad_norm is None:
+            return nn.utils.get_total_norm([p.grad for p in self.q_network.parameters() if p.grad is not None])
+        return nn.utils.clip_grad_norm_(self.q_network.parameters(), self.max_grad_norm)
 
     def log_iteration(self, stats, updates: list) -> None:
         env_steps = self.env_steps

@@ -149,8 +149,14 @@ def test_n_step_returns_keep_two_envs_streams_apart_when_episodes_end_at_differe
 
 
 def test_one_step_returns_pass_each_transition_through_at_once():
-    steps = [([1, 2], [False, True], [False, False], [True, True])]
-    assert fold(NStepReturns(n=1, gamma=0.9, num_envs=2), steps) == [(0, 0, 1.0, 1, False, 1), (1, 0, 2.0, 1, True, 1)]
+    steps = [
+        ([1, 2], [False, True], [False, False], [True, True]),
+        ([3, 4], [False, False], [False, False], [True, False]),  # env 1 resets: nothing from it
+        ([5, 6], [False, False], [False, False], [False, False]),  # both reset: nothing at all
+    ]
+    assert fold(NStepReturns(n=1, gamma=0.9, num_envs=2), steps) == [
+        (0, 0, 1.0, 1, False, 1), (1, 0, 2.0, 1, True, 1), (0, 1, 3.0, 2, False, 1),
+    ]
 
 
 def test_collector_stores_n_step_transitions():

@@ -3,11 +3,14 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageSequence
 from torch import nn
 
 from conftest import greedy_episode_return
 from rl_pipeline.envs import make_vector_env
-from rl_pipeline.evaluation import Evaluator, Score, evaluate, mean_lower_bound, play_episodes, score_policy
+from rl_pipeline.evaluation import (
+    Evaluator, Score, captioned, evaluate, mean_lower_bound, play_episodes, record_gif, score_policy,
+)
 from rl_pipeline.networks import MLP
 
 
@@ -109,3 +112,18 @@ def test_a_failing_screen_is_not_confirmed():
 def test_no_confirmation_without_a_threshold():
     evaluator = Evaluator(make_cartpoles, episodes=4, seed=0, solved_return=None, confirm_episodes=6)
     assert evaluator.confirm_env is None and len(evaluator(PoleBalancer())) == 4
+
+
+def test_the_gif_shows_each_captioned_frame_in_its_own_colours(tmp_path):
+    env = make_vector_env("CartPole-v1", num_envs=1, render_mode="rgb_array")
+    policy = MLP((4,), 2, hidden_sizes=[8])
+    record_gif(policy, env, tmp_path / "episode.gif", seed=3)
+    env.reset(seed=3)
+    expected = np.asarray(captioned(env.render()[0], 0, 0.0).convert("RGB"), dtype=float)
+    with Image.open(tmp_path / "episode.gif") as gif:
+        frames = [np.asarray(frame.convert("RGB"), dtype=float) for frame in ImageSequence.Iterator(gif)]
+    env.close()
+    assert frames[0].shape == expected.shape and np.abs(frames[0] - expected).mean() < 1.0
+    caption = frames[0][:12, :120]
+    assert ((caption[..., 0] > 150) & (caption[..., 1] < 60)).any(), "the caption's red survives the palette"
+    assert any(np.abs(frame - frames[0]).mean() > 0.1 for frame in frames[1:]), "the cart and pole move"
