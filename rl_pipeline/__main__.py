@@ -1,6 +1,7 @@
 """`python -m rl_pipeline +experiment=dqn`: compose the config with Hydra and train."""
 
 import gc
+import warnings
 
 import hydra
 from omegaconf import DictConfig
@@ -15,6 +16,9 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    # conf/hydra/launcher/ray.yaml stands in for hydra-ray-launcher's preset of that name, whose schema
+    # it then matches; Hydra warns of that on every run (the match still checks the keys).
+    warnings.filterwarnings("ignore", r"\s*'hydra/launcher/ray' is validated against ConfigStore schema", UserWarning)
     try:
         main()
     finally:

@@ -8,12 +8,14 @@ away from it), the other jobs go on, and the sweep ends non-zero once they have.
 
 import errno
 import math
+import os
 import signal
 import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
@@ -70,6 +72,8 @@ def in_multirun() -> bool:
 
 def run(task: Callable[[DictConfig], float], cfg: DictConfig) -> float:
     """`task(cfg)`, with each way it can fail answered as the module docstring says."""
+    if cpus := cpus_given():
+        torch.set_num_threads(cpus)
     try:
         return task(cfg)
     except SIGTERMException:  # Lightning stops at the next batch; the MLflow run is already KILLED
@@ -85,6 +89,24 @@ def run(task: Callable[[DictConfig], float], cfg: DictConfig) -> float:
         if isinstance(error, ConfigError):  # stopped before its run existed
             tracking.record_failed_job(cfg, line)
         return worst_objective()
+
+
+def cpus_given() -> int | None:
+    """The CPUs this sweep's launcher gives each job, for its torch threads: jobs that share a machine
+    would each take all its cores. Ray's num_cpus, submitit's cpus_per_task (SLURM's, or the local
+    executor's, which sets none itself), or this machine's share of joblib's n_jobs; None otherwise.
+    """
+    if not in_multirun():
+        return None
+    launcher = HydraConfig.get().launcher
+    cpus = OmegaConf.select(launcher, "ray.remote.num_cpus") or OmegaConf.select(launcher, "cpus_per_task")
+    if cpus:
+        return max(1, int(cpus))
+    n_jobs = OmegaConf.select(launcher, "n_jobs")
+    if not n_jobs:
+        return None
+    workers = n_jobs if n_jobs > 0 else os.cpu_count() + 1 + n_jobs  # joblib's -1: as many as there are CPUs
+    return max(1, os.cpu_count() // max(1, workers))
 
 
 def worst_objective() -> float:
@@ -113,5 +135,10 @@ def check_writable(key: str, directory: str) -> None:
         finally:
             probe.unlink(missing_ok=True)
     except OSError as error:
-        print(f"Config error: {key}: expected a writable folder, got {directory} ({error.strerror})", file=sys.stderr)
-        sys.exit(2)
+        config_error(key, f"a writable folder, got {directory} ({error.strerror})")
+
+
+def config_error(key: str, expected: str) -> None:
+    """The one line a mistake gets in the launching process, before any run exists."""
+    print(f"Config error: {key}: expected {expected}", file=sys.stderr)
+    sys.exit(2)

@@ -1,9 +1,9 @@
 """Hydra multirun -> one MLflow parent run holding a child run per job, and the sweep's comparison."""
 
 import atexit
+import importlib
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -15,8 +15,18 @@ from mlflow.entities import Metric, Param, RunStatus
 from omegaconf import DictConfig, OmegaConf
 
 from rl_pipeline import compare, tracking, ui
+from rl_pipeline.jobs import config_error
 
 log = logging.getLogger(__name__)
+
+# The optional extra (pyproject.toml) that installs each launcher plugin.
+LAUNCHER_EXTRAS = {"hydra_plugins.hydra_ray_launcher": "ray", "hydra_plugins.hydra_submitit_launcher": "slurm"}
+# Launchers whose jobs run on this machine, where an SQLite store beside the sweep is theirs too.
+SAME_MACHINE_LAUNCHERS = (
+    "hydra._internal.core_plugins.basic_launcher.BasicLauncher",
+    "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
+    "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
+)
 
 
 def swept_keys(overrides: list[str], sweeper_params) -> list[str]:
@@ -34,6 +44,7 @@ class MLflowSweep(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         uri = tracking.tracking_uri()
+        check_launcher(config, uri)
         client = tracking.client(uri)
         overrides = list(config.hydra.overrides.task)
         keys = swept_keys(overrides, OmegaConf.select(config, "hydra.sweeper.params"))
@@ -47,7 +58,11 @@ class MLflowSweep(Callback):
         self.parent_run_id, self.swept_keys = parent.info.run_id, keys
         client.set_tag(self.parent_run_id, "sweep_id", self.parent_run_id)
         ui.save_sweep_view(client, experiment_id, self.parent_run_id, keys)
-        os.environ[tracking.SWEEP_ENV] = json.dumps({"parent_run_id": self.parent_run_id, "swept_keys": keys})
+        set_in_jobs(config, {  # what each job needs, wherever the launcher runs it
+            f"hydra.job.env_set.{tracking.SWEEP_ENV}": json.dumps({"parent_run_id": self.parent_run_id, "swept_keys": keys}),
+            "hydra.job.env_set.MLFLOW_TRACKING_URI": uri,
+            "hydra.sweep.dir": str(Path(config.hydra.sweep.dir).resolve()),  # not relative to a worker's folder
+        })
         # Hydra skips on_multirun_end when a job raises or the sweep is interrupted: never leave the parent RUNNING.
         atexit.register(self.close_if_open, client)
         log.info("MLflow sweep %s: child runs nest under it; watch them at %s", self.parent_run_id, self.link(uri, experiment_id))
@@ -61,7 +76,6 @@ class MLflowSweep(Callback):
             client.set_terminated(self.parent_run_id, RunStatus.to_string(RunStatus.FAILED))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        os.environ.pop(tracking.SWEEP_ENV, None)
         uri = tracking.tracking_uri()
         client = tracking.client(uri)
         parent = client.get_run(self.parent_run_id)
@@ -101,6 +115,33 @@ class MLflowSweep(Callback):
         best_params = next(run for run in children if run.info.run_id == best_run.run_id).data.params
         for key in self.swept_keys:
             client.set_tag(self.parent_run_id, f"best.{key}", best_params.get(key))
+
+
+def check_launcher(config: DictConfig, uri: str) -> None:
+    """The launcher must be installed, and be able to reach the store from wherever it runs jobs."""
+    target = str(OmegaConf.select(config, "hydra.launcher._target_"))
+    module, _, name = target.rpartition(".")
+    try:
+        getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:
+        extra = next((extra for package, extra in LAUNCHER_EXTRAS.items() if target.startswith(package)), None)
+        install = f"; pip install -e '.[{extra}]'" if extra else ""
+        config_error("hydra/launcher", f"an installed launcher, got {target} ({error}){install}")
+    if tracking.sqlite_path(uri) is not None and target not in SAME_MACHINE_LAUNCHERS:
+        config_error("MLFLOW_TRACKING_URI", f"an MLflow server (http://HOST:PORT) that every job can reach, got the "
+                     f"SQLite file {uri}, which {name}'s jobs on other machines cannot")
+
+
+def set_in_jobs(config: DictConfig, settings: dict[str, str]) -> None:
+    """Sets each key of `settings` in every job's config.
+
+    Launchers compose each job's config anew from the sweep's Hydra overrides, to which these are
+    added. Ray workers and SLURM nodes inherit nothing from this process: its environment variables
+    reach them as hydra.job.env_set, which Hydra sets around the job where it runs.
+    """
+    for key, value in settings.items():
+        escaped = value.replace("\\", "\\\\").replace("'", "\\'")
+        config.hydra.overrides.hydra.append(f"++{key}='{escaped}'")
 
 
 def shared_params(children: list) -> list[Param]:

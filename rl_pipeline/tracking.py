@@ -249,7 +249,7 @@ def experiment_id(name: str, uri: str) -> str:
 def new_run_name_and_tags(cfg: DictConfig) -> tuple[str, dict[str, str]]:
     """A job's run name and tags; in a sweep, a child of the sweep's parent, named by what the sweep varies."""
     overrides = task_overrides()
-    tags = {"overrides": " ".join(overrides)}
+    tags = {"overrides": " ".join(overrides), "torch_threads": str(torch.get_num_threads())}
     sweep = current_sweep()
     if sweep:
         tags |= {"mlflow.parentRunId": sweep["parent_run_id"], "sweep_id": sweep["parent_run_id"]}

@@ -1,10 +1,6 @@
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,6 +11,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
+from benchmarks import services
+from benchmarks.services import free_port
 from rl_pipeline.config import CONF_DIR
 
 # A budget small enough for seconds, large enough to update and evaluate.
@@ -95,34 +93,11 @@ def read_until(process: subprocess.Popen, text: str) -> list[str]:
     raise AssertionError(f"{text!r} never printed:\n{''.join(lines[-30:])}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def mlflow_server_process(store: Path, port: int):
     """A real `mlflow server` on 127.0.0.1:port over an SQLite store and an artifact folder beside it."""
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{store}", "--artifacts-destination", str(store.parent / "server-artifacts")],
-        cwd=store.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(base + "/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-                time.sleep(0.5)
+    with services.mlflow_server(f"sqlite:///{store}", store.parent / "server-artifacts", port) as base:
         yield base
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 @pytest.fixture

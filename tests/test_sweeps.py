@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import re
 import subprocess
 import urllib.request
@@ -117,6 +118,7 @@ def test_joblib_sweep_with_two_parallel_jobs_loses_nothing_in_the_embedded_store
     client = mlflow.MlflowClient(uri)
     for child in children:
         assert child.info.status == "FINISHED"
+        assert child.data.tags["torch_threads"] == str(max(1, os.cpu_count() // 2))  # its share of the cores
         assert len(client.get_metric_history(child.info.run_id, "train/epsilon")) == 4  # every iteration
         assert len(client.get_metric_history(child.info.run_id, "eval/return_mean")) == 2  # every evaluation
     assert COMPARISON <= {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
