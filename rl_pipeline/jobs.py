@@ -14,6 +14,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -135,10 +136,11 @@ def check_writable(key: str, directory: str) -> None:
         finally:
             probe.unlink(missing_ok=True)
     except OSError as error:
-        config_error(key, f"a writable folder, got {directory} ({error.strerror})")
+        exit_on(ConfigError(key, f"expected a writable folder, got {directory} ({error.strerror})"))
 
 
-def config_error(key: str, expected: str) -> None:
-    """The one line a mistake gets in the launching process, before any run exists."""
-    print(f"Config error: {key}: expected {expected}", file=sys.stderr)
-    sys.exit(2)
+def exit_on(error: ConfigError) -> NoReturn:
+    """A mistake found in the launching process, before any run exists: its one line and exit code."""
+    line, code = report(error)
+    print(line, file=sys.stderr)
+    sys.exit(code)

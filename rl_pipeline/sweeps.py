@@ -15,7 +15,8 @@ from mlflow.entities import Metric, Param, RunStatus
 from omegaconf import DictConfig, OmegaConf
 
 from rl_pipeline import compare, tracking, ui
-from rl_pipeline.jobs import config_error
+from rl_pipeline.jobs import exit_on
+from rl_pipeline.validation import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +127,10 @@ def check_launcher(config: DictConfig, uri: str) -> None:
     except (ImportError, AttributeError) as error:
         extra = next((extra for package, extra in LAUNCHER_EXTRAS.items() if target.startswith(package)), None)
         install = f"; pip install -e '.[{extra}]'" if extra else ""
-        config_error("hydra/launcher", f"an installed launcher, got {target} ({error}){install}")
+        exit_on(ConfigError("hydra/launcher", f"expected an installed launcher, got {target} ({error}){install}"))
     if tracking.sqlite_path(uri) is not None and target not in SAME_MACHINE_LAUNCHERS:
-        config_error("MLFLOW_TRACKING_URI", f"an MLflow server (http://HOST:PORT) that every job can reach, got the "
-                     f"SQLite file {uri}, which {name}'s jobs on other machines cannot")
+        exit_on(ConfigError("MLFLOW_TRACKING_URI", f"expected an MLflow server (http://HOST:PORT) that every job can "
+                            f"reach, got the SQLite file {uri}, which {name}'s jobs on other machines cannot"))
 
 
 def set_in_jobs(config: DictConfig, settings: dict[str, str]) -> None:
