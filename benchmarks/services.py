@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from rl_pipeline import ui
+
 POSTGRES_BIN = Path("/usr/lib/postgresql")  # Debian's postgresql: <version>/bin/initdb, postgres, pg_isready
 
 
@@ -87,14 +89,15 @@ def mlflow_server(backend_uri: str, artifacts: Path, port: int | None = None, wo
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--workers", str(workers), "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts)],
-        cwd=artifacts.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        cwd=artifacts.parent, env={**os.environ, **ui.SERVER_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: answers(url + "/health"), server, "mlflow server")
         yield url
     finally:
-        stop(server)  # the server, its workers and its job consumers
+        stop(server)  # the server and its workers
 
 
 @contextmanager

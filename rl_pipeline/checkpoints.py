@@ -40,9 +40,6 @@ TRAILER_BYTES = len(CHECKSUM) + 32
 CHECKPOINT_TAG = "checkpoint"  # on each MLflow run: the path of its last.ckpt
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 LIBRARY_DIRS = tuple({sysconfig.get_path(name) for name in ("stdlib", "platstdlib", "purelib", "platlib")})
-# Where a job writes and how long it waits for a server, not what it trains: these may differ
-# between a run and its resume.
-NOT_CONFIG = ("resume", "paths.output_dir", "logger.server_timeout_s")
 
 
 class CorruptCheckpoint(Exception):
@@ -313,9 +310,8 @@ def checkpoint_path(resume: str, client: mlflow.MlflowClient, experiment_name: s
             raise ConfigError("resume", f"found no MLflow run with a checkpoint for {resume!r} in {client.tracking_uri}")
         path = Path(run.data.tags[CHECKPOINT_TAG])
         if not path.is_file():
-            raise ConfigError(
-                "resume", f"MLflow run {run.info.run_id} stopped before its first checkpoint; start it anew without resume="
-            )
+            raise ConfigError("resume", f"the checkpoint of MLflow run {run.info.run_id} is missing: no file at {path} "
+                              "(deleted, or the run stopped before writing it); nothing was resumed")
     else:
         path = Path(resume)
         if path.is_dir():
@@ -331,12 +327,12 @@ def latest_run(client: mlflow.MlflowClient, experiment_name: str):
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         return None
-    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
+    runs = tracking.search_runs(client, [experiment.experiment_id], order_by=["attributes.start_time DESC"])
     return next((run for run in runs if Path(run.data.tags.get(CHECKPOINT_TAG, "")).is_file()), None)
 
 
 def check_same_config(saved: dict[str, str], current: dict[str, str]) -> None:
-    for key in sorted((saved.keys() | current.keys()) - set(NOT_CONFIG)):
+    for key in sorted(key for key in saved.keys() | current.keys() if not key.startswith(tracking.NOT_SETTINGS)):
         if saved.get(key) != current.get(key):
             raise ConfigError(
                 "resume",

@@ -30,9 +30,9 @@ SWEPT_KEYS_TAG = "swept_keys"  # on a sweep's parent: what the sweep varies, as 
 
 
 def sweep_children(client: mlflow.MlflowClient, parent: Run) -> list[Run]:
-    return client.search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
-    )
+    return list(tracking.search_runs(
+        client, [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    ))
 
 
 def find_runs(client: mlflow.MlflowClient, target: str) -> tuple[list[Run], list[str], str]:
@@ -43,7 +43,7 @@ def find_runs(client: mlflow.MlflowClient, target: str) -> tuple[list[Run], list
         experiment = client.get_experiment_by_name(target)
         if experiment is None:
             raise SystemExit(f"compare: {target!r} is neither a sweep id (a run id) nor an experiment name")
-        runs = [run for run in client.search_runs([experiment.experiment_id]) if not is_sweep(run)]
+        runs = [run for run in tracking.search_runs(client, [experiment.experiment_id]) if not is_sweep(run)]
         return runs, varied_params(runs), f"experiment {target}"
     children = sweep_children(client, parent)
     return children, configuration_keys(parent, children), parent.info.run_name

@@ -6,6 +6,8 @@ checks the top level, trainer, logger and seed. Both run before any MLflow run e
 
 import inspect
 import logging
+import types
+import typing
 from pathlib import Path
 
 from hydra.errors import InstantiationException
@@ -61,6 +63,48 @@ def check_keys(node: DictConfig, key: str, runtime_kwargs) -> None:
     check_no_unknown_keys([name for name in node if not name.startswith("_")], f"{key}.", settable)
 
 
+PLAIN_TYPES = (int, float, bool, str, type(None))
+
+
+def plain_members(annotation) -> list | None:
+    """The members of an annotation made of plain types and literal values (`Optional[int]`); None for any other."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    members = []
+    for member in typing.get_args(annotation) if union else (annotation,):
+        if typing.get_origin(member) is typing.Literal:
+            members += typing.get_args(member)
+        elif member in PLAIN_TYPES:
+            members.append(member)
+        else:
+            return None
+    return members
+
+
+def admits(member, value) -> bool:
+    if isinstance(member, type):
+        return isinstance(value, member) or (member is float and isinstance(value, int) and not isinstance(value, bool))
+    return value == member  # a literal
+
+
+def plain_name(member) -> str:
+    return "null" if member is type(None) else getattr(member, "__name__", repr(member))
+
+
+def check_plain_types(node: DictConfig, key: str) -> None:
+    """Each value of `node` against the plain type its target's signature declares for it.
+
+    For targets, such as Lightning's Trainer, that store an argument of the wrong type and fail on it
+    mid-run (`log_every_n_steps="abc"`).
+    """
+    target = target_of(node, key)
+    hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    for name, value in node.items():
+        members = plain_members(hints.get(name))
+        if members is not None and not any(admits(member, value) for member in members):
+            what = " or ".join(plain_name(member) for member in members)
+            raise expected(f"{key}.{name}", what, value)
+
+
 def build(node: DictConfig, key: str, **runtime_kwargs):
     """hydra.utils.instantiate, with a config mistake reported against its full key."""
     log.info("Instantiating %s <%s>", key, node.get("_target_"))
@@ -85,7 +129,8 @@ def check_settings(cfg: DictConfig) -> None:
     check_devices(cfg.trainer.lightning)
     t = cfg.trainer
     for key in ("max_env_steps", "updates_per_iteration", "target_sync_interval_updates",
-                "eval_interval_env_steps", "eval_episodes", "test_episodes", "checkpoint_interval_env_steps"):
+                "eval_interval_env_steps", "eval_episodes", "eval_max_episode_steps", "test_episodes",
+                "checkpoint_interval_env_steps"):
         positive_int(f"trainer.{key}", t[key])
     if not (isinstance(t.checkpoint_buffer_max_mb, (int, float)) and t.checkpoint_buffer_max_mb >= 0):
         raise expected("trainer.checkpoint_buffer_max_mb", "a number >= 0", t.checkpoint_buffer_max_mb)

@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> Score:
         episodes = positive_int("--episodes", given_or_run_setting(args.episodes, cfg, "trainer.test_episodes", "--episodes"))
         seed = non_negative_int("--seed", given_or_run_setting(args.seed, cfg, "trainer.test_seed", "--seed"))
         transforms = build_transforms(cfg)
-        score = score_policy(policy, eval_env_maker(cfg, transforms), episodes, seed)
+        cap = OmegaConf.select(cfg, "trainer.eval_max_episode_steps")  # none in runs from before it existed
+        score = score_policy(policy, eval_env_maker(cfg, transforms), episodes, seed, cap)
     except ConfigError as error:
         sys.exit(f"evaluate: {error}")
     print(f"Run {args.run_id} on {cfg.env.id}: return {score}, seeds {seed} .. {seed + episodes - 1}")

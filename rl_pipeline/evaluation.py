@@ -1,5 +1,6 @@
 """Greedy evaluation on fixed seeds: screening and confirmation while training, a held-out test score after."""
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,21 +14,32 @@ from torch import nn
 
 from rl_pipeline.networks import greedy_actions
 
+log = logging.getLogger(__name__)
+
 CONFIDENCE = 0.95  # of every lower bound: one-sided
 
 
-def evaluate(policy: nn.Module, env: VectorEnv, seed: int) -> np.ndarray:
+def evaluate(policy: nn.Module, env: VectorEnv, seed: int, max_episode_steps: int | None = None) -> np.ndarray:
     """Greedy return of one episode per sub-env, sub-env i reset with seed `seed + i`.
 
-    A sub-env whose episode ended starts another (autoreset); its rewards no longer count.
+    A sub-env whose episode ended starts another (autoreset); its rewards no longer count. Episodes
+    still running after `max_episode_steps` are cut there, and a warning says so: an env without a
+    time limit, played by a policy that never fails, would otherwise never end.
     """
     observations, _ = env.reset(seed=seed)
     returns = np.zeros(env.num_envs)
     done = np.zeros(env.num_envs, dtype=bool)
+    steps = 0
     while not done.all():
+        if steps == max_episode_steps:
+            log.warning("Evaluation cut %d of %d episodes still running after %d steps "
+                        "(trainer.eval_max_episode_steps); their returns count up to there",
+                        np.count_nonzero(~done), env.num_envs, steps)
+            break
         observations, rewards, terminated, truncated, _ = env.step(greedy_actions(policy, observations))
         returns += np.where(done, 0.0, rewards)
         done |= terminated | truncated
+        steps += 1
     return returns
 
 
@@ -81,22 +93,26 @@ class Score:
 
 
 def play_episodes(
-    policy: nn.Module, make_env: Callable[[int], VectorEnv], episodes: int, seed: int, max_parallel: int = 100
+    policy: nn.Module, make_env: Callable[[int], VectorEnv], episodes: int, seed: int, max_parallel: int = 100,
+    max_episode_steps: int | None = None,
 ) -> np.ndarray:
     """Greedy returns of `episodes` episodes on seeds `seed` .. `seed + episodes - 1`, `max_parallel` at a time."""
     returns = []
     for start in range(0, episodes, max_parallel):
         env = make_env(min(max_parallel, episodes - start))
         try:
-            returns.append(evaluate(policy, env, seed + start))
+            returns.append(evaluate(policy, env, seed + start, max_episode_steps))
         finally:
             env.close()
     return np.concatenate(returns)
 
 
-def score_policy(policy: nn.Module, make_env: Callable[[int], VectorEnv], episodes: int, seed: int) -> Score:
+def score_policy(
+    policy: nn.Module, make_env: Callable[[int], VectorEnv], episodes: int, seed: int,
+    max_episode_steps: int | None = None,
+) -> Score:
     """A run's test score, and what `python -m rl_pipeline.evaluate` prints."""
-    return Score.of(play_episodes(policy, make_env, episodes, seed))
+    return Score.of(play_episodes(policy, make_env, episodes, seed, max_episode_steps=max_episode_steps))
 
 
 def is_solved(lower_bound: float, solved_return: float | None) -> bool:
@@ -120,18 +136,19 @@ class Evaluator:
         seed: int,
         solved_return: float | None = None,
         confirm_episodes: int = 0,
+        max_episode_steps: int | None = None,
     ):
         self.screen_env = make_env(episodes)
         self.confirm_env = make_env(confirm_episodes) if solved_return is not None and confirm_episodes else None
-        self.seed, self.solved_return = seed, solved_return
+        self.seed, self.solved_return, self.max_episode_steps = seed, solved_return, max_episode_steps
 
     def solved(self, lower_bound: float) -> bool:
         return is_solved(lower_bound, self.solved_return)
 
     def __call__(self, policy: nn.Module) -> np.ndarray:
-        returns = evaluate(policy, self.screen_env, self.seed)
+        returns = evaluate(policy, self.screen_env, self.seed, self.max_episode_steps)
         if self.confirm_env is not None and self.solved(mean_lower_bound(returns)):
-            return evaluate(policy, self.confirm_env, self.seed + len(returns))
+            return evaluate(policy, self.confirm_env, self.seed + len(returns), self.max_episode_steps)
         return returns
 
 

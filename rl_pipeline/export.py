@@ -11,9 +11,9 @@ from torch import nn
 
 from rl_pipeline import tracking, ui
 from rl_pipeline.checkpoints import read_checkpoint
-from rl_pipeline.evaluation import Score, is_solved, record_gif, score_policy
+from rl_pipeline.evaluation import Score, record_gif, score_policy
 from rl_pipeline.module import DQNModule
-from rl_pipeline.parts import build_env, build_transforms, eval_env_maker, solved_return
+from rl_pipeline.parts import build_env, build_transforms, eval_env_maker
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,7 @@ def export_best(module: DQNModule, checkpoint_path: str) -> tuple[nn.Module, str
     module.load_state_dict(checkpoint["state_dict"])
     mlflow.log_artifact(checkpoint_path, "checkpoints")
     policy = module.policy.cpu().eval()
-    model = tracking.log_policy(policy, step=checkpoint["env_steps"])
-    return policy, model.model_id, checkpoint["env_steps"]
+    return policy, tracking.log_policy(policy, step=checkpoint["env_steps"]), checkpoint["env_steps"]
 
 
 def export(cfg: DictConfig, module: DQNModule, best: ModelCheckpoint, last: Path, started: float) -> Score:
@@ -47,12 +46,14 @@ def export(cfg: DictConfig, module: DQNModule, best: ModelCheckpoint, last: Path
     policy, model_id, policy_env_steps = export_best(module, best.best_model_path)
     t = cfg.trainer
     log.info("Testing the exported policy on %d episodes, seeds from %d", t.test_episodes, t.test_seed)
-    score = score_policy(policy, eval_env_maker(cfg, build_transforms(cfg)), t.test_episodes, t.test_seed)
+    score = score_policy(
+        policy, eval_env_maker(cfg, build_transforms(cfg)), t.test_episodes, t.test_seed, t.eval_max_episode_steps
+    )
     # The policy's own metrics go with its model too, so that the Models tab ranks policies.
     log_new_metrics({**score.metrics("test"), "final/policy_env_steps": policy_env_steps}, model_id=model_id)
     run_metrics = {"final/env_steps": module.env_steps, "final/wall_seconds": time.perf_counter() - started}
-    if is_solved(float(best.best_model_score), solved_return(cfg)):
-        run_metrics["final/solved_env_steps"] = module.env_steps
+    if module.solved_env_steps is not None:
+        run_metrics["final/solved_env_steps"] = module.solved_env_steps
     log_new_metrics(run_metrics)
     log_plots(cfg, policy)
     return score

@@ -4,6 +4,8 @@ A single run exits non-zero. A sweep's job must not exit (Hydra's basic launcher
 whole sweep there, and joblib would kill the jobs beside it): it records its failure as a FAILED
 child run and returns the worst objective there is (a sweeper such as Optuna goes on, steering
 away from it), the other jobs go on, and the sweep ends non-zero once they have.
+A sweep's job stopped by Ctrl-C (its run KILLED, with its checkpoint) marks the sweep interrupted
+instead, and the jobs that come after it do not start.
 """
 
 import errno
@@ -36,6 +38,7 @@ FAILURES = (
     (CorruptCheckpoint, "Corrupt checkpoint", 6),
 )
 SERVER_LOST_EXIT, DISK_FULL_EXIT, STORE_DAMAGED_EXIT = 4, 5, 7
+INTERRUPTED = ".interrupted"  # in a sweep's folder, once Ctrl-C stopped it
 # What SQLite says of a store file whose pages are damaged.
 DAMAGED_STORE_SIGNS = ("database disk image is malformed", "file is not a database")
 PROBE_BYTES = 64 * 1024
@@ -71,14 +74,29 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def sweep_interrupted(sweep_dir) -> bool:
+    return (Path(sweep_dir) / INTERRUPTED).exists()
+
+
+def mark_sweep_interrupted(sweep_dir) -> None:
+    (Path(sweep_dir) / INTERRUPTED).touch()
+
+
 def run(task: Callable[[DictConfig], float], cfg: DictConfig) -> float:
     """`task(cfg)`, with each way it can fail answered as the module docstring says."""
     if cpus := cpus_given():
         torch.set_num_threads(cpus)
+    if in_multirun() and sweep_interrupted(HydraConfig.get().sweep.dir):
+        return worst_objective()  # Ctrl-C stopped the sweep before this job started
     try:
         return task(cfg)
     except SIGTERMException:  # Lightning stops at the next batch; the MLflow run is already KILLED
         sys.exit(128 + signal.SIGTERM)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C (Lightning exits 1) or SIGTERM: the run is KILLED
+        if not in_multirun():
+            raise
+        mark_sweep_interrupted(HydraConfig.get().sweep.dir)
+        return worst_objective()
     except Exception as error:
         reported = report(error)
         if reported is None and not in_multirun():

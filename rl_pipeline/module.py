@@ -68,6 +68,7 @@ class DQNModule(pl.LightningModule):
         self.max_grad_norm = max_grad_norm
         self.checkpoint_buffer_max_bytes = checkpoint_buffer_max_bytes
         self.num_updates = 0
+        self.solved_env_steps: int | None = None  # at the first evaluation that solved, if any
         self._clock = (time.perf_counter(), 0)  # (time, env steps) at the last iteration's end
         self._resumed_rng_states = None
 
@@ -110,6 +111,7 @@ class DQNModule(pl.LightningModule):
         keep_buffer = self.buffer.nbytes <= self.checkpoint_buffer_max_bytes
         checkpoint["training_state"] = {
             "num_updates": self.num_updates,
+            "solved_env_steps": self.solved_env_steps,
             "collector": self.collector.state_dict(),
             "buffer": self.buffer.state_dict() if keep_buffer else None,
             "rng": rng_states(),
@@ -118,6 +120,7 @@ class DQNModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["training_state"]
         self.num_updates = state["num_updates"]
+        self.solved_env_steps = state.get("solved_env_steps")  # checkpoints from before it was kept: none
         self.collector.load_state_dict(state["collector"])
         if state["buffer"] is not None:
             self.buffer.load_state_dict(state["buffer"])
@@ -194,5 +197,7 @@ class DQNModule(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         score = Score.of(self.evaluator(self.policy))
+        if self.solved_env_steps is None and self.evaluator.solved(score.lower_bound):
+            self.solved_env_steps = self.env_steps
         # Stopping and checkpoint selection compare these against solved_return, as measured.
         self.log_measured(score.metrics("eval"))

@@ -39,9 +39,10 @@ def eval_env_maker(cfg: DictConfig, transforms: list):
 
 
 def solved_return(cfg: DictConfig) -> float | None:
-    """The stop threshold: trainer.solved_return, else the env's in gymnasium's registry; None: no early stop."""
-    if not cfg.trainer.stop_when_solved:
-        return None
+    """What solved means: trainer.solved_return, else the env's threshold in gymnasium's registry (None: never).
+
+    Evaluation confirms and the run records its first solving evaluation whether or not it stops there.
+    """
     if cfg.trainer.solved_return is not None:
         return cfg.trainer.solved_return
     return registered_spec(cfg.env.id).reward_threshold
@@ -100,6 +101,7 @@ def build_evaluator(cfg: DictConfig, transforms: list) -> Evaluator:
         seed=cfg.trainer.eval_seed,
         solved_return=solved_return(cfg),
         confirm_episodes=cfg.trainer.solved_confirm_episodes,
+        max_episode_steps=cfg.trainer.eval_max_episode_steps,
     )
 
 

@@ -4,9 +4,11 @@ import atexit
 import importlib
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import mlflow
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -15,16 +17,17 @@ from mlflow.entities import Metric, Param, RunStatus
 from omegaconf import DictConfig, OmegaConf
 
 from rl_pipeline import compare, tracking, ui
-from rl_pipeline.jobs import exit_on
+from rl_pipeline.jobs import exit_on, mark_sweep_interrupted, sweep_interrupted
 from rl_pipeline.validation import ConfigError
 
 log = logging.getLogger(__name__)
 
 # The optional extra (pyproject.toml) that installs each launcher plugin.
 LAUNCHER_EXTRAS = {"hydra_plugins.hydra_ray_launcher": "ray", "hydra_plugins.hydra_submitit_launcher": "slurm"}
+BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"  # runs the jobs in this process
 # Launchers whose jobs run on this machine, where an SQLite store beside the sweep is theirs too.
 SAME_MACHINE_LAUNCHERS = (
-    "hydra._internal.core_plugins.basic_launcher.BasicLauncher",
+    BASIC_LAUNCHER,
     "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
     "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
 )
@@ -57,30 +60,53 @@ class MLflowSweep(Callback):
             tags={"overrides": " ".join(overrides), "sweep_role": "parent", compare.SWEPT_KEYS_TAG: json.dumps(keys)},
         )
         self.parent_run_id, self.swept_keys = parent.info.run_id, keys
+        group = f"{parent.info.run_name} {self.parent_run_id[:8]}"  # two sweeps of one command stay apart
         client.set_tag(self.parent_run_id, "sweep_id", self.parent_run_id)
+        client.set_tag(self.parent_run_id, tracking.GROUP_TAG, group)
         ui.save_sweep_view(client, experiment_id, self.parent_run_id, keys)
+        sweep = {"parent_run_id": self.parent_run_id, "swept_keys": keys, "group": group}
         set_in_jobs(config, {  # what each job needs, wherever the launcher runs it
-            f"hydra.job.env_set.{tracking.SWEEP_ENV}": json.dumps({"parent_run_id": self.parent_run_id, "swept_keys": keys}),
+            f"hydra.job.env_set.{tracking.SWEEP_ENV}": json.dumps(sweep),
             "hydra.job.env_set.MLFLOW_TRACKING_URI": uri,
             "hydra.sweep.dir": str(Path(config.hydra.sweep.dir).resolve()),  # not relative to a worker's folder
         })
         # Hydra skips on_multirun_end when a job raises or the sweep is interrupted: never leave the parent RUNNING.
         atexit.register(self.close_if_open, client)
+        self.sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        self.jobs_here = OmegaConf.select(config, "hydra.launcher._target_") == BASIC_LAUNCHER
+        self.previous_sigint = signal.signal(signal.SIGINT, self.interrupt)
         log.info("MLflow sweep %s: child runs nest under it; watch them at %s", self.parent_run_id, self.link(uri, experiment_id))
 
     def link(self, uri: str, experiment_id: str) -> str:
         page = ui.runs_link(ui.ui_address(uri), experiment_id, ui.sweep_view_key(self.parent_run_id))
         return ui.where_to_look(uri, page)
 
+    def interrupt(self, signum, frame) -> None:
+        """Ctrl-C: the running jobs stop after their iteration, KILLED and resumable; the rest do not start.
+
+        Jobs in other processes (joblib) get the terminal's Ctrl-C themselves: this process waits for
+        them to stop. A second Ctrl-C stops at once.
+        """
+        if sweep_interrupted(self.sweep_dir):
+            raise KeyboardInterrupt
+        mark_sweep_interrupted(self.sweep_dir)
+        log.info("Ctrl-C: running jobs stop after their iteration, the others do not start (again to stop now)")
+        if self.jobs_here:
+            raise KeyboardInterrupt  # the job of this process, outside training: it stops where it is
+
     def close_if_open(self, client: mlflow.MlflowClient) -> None:
         if client.get_run(self.parent_run_id).info.status == "RUNNING":
-            client.set_terminated(self.parent_run_id, RunStatus.to_string(RunStatus.FAILED))
+            status = RunStatus.KILLED if sweep_interrupted(self.sweep_dir) else RunStatus.FAILED
+            client.set_terminated(self.parent_run_id, RunStatus.to_string(status))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        signal.signal(signal.SIGINT, self.previous_sigint)
         uri = tracking.tracking_uri()
         client = tracking.client(uri)
         parent = client.get_run(self.parent_run_id)
         children = compare.sweep_children(client, parent)
+        if sweep_interrupted(self.sweep_dir):
+            self.end_interrupted(client, children)
         client.log_batch(self.parent_run_id, params=shared_params(children))
         finished = [run for run in children if run.info.status == "FINISHED"]
         if finished:
@@ -96,6 +122,17 @@ class MLflowSweep(Callback):
             for run in failed:
                 print(f"  {run.info.run_name}: {run.data.tags.get(tracking.ERROR_TAG, run.info.status)}", file=sys.stderr)
             sys.exit(1)
+
+    def end_interrupted(self, client: mlflow.MlflowClient, children: list) -> NoReturn:
+        """The parent KILLED, and one line: which runs to resume, and how."""
+        client.set_terminated(self.parent_run_id, RunStatus.to_string(RunStatus.KILLED))
+        atexit.unregister(self.close_if_open)
+        killed = [run for run in children if run.info.status == "KILLED"]
+        finished = sum(run.info.status == "FINISHED" for run in children)
+        resumes = "; ".join(tracking.resume_command(run.data.tags.get("overrides", ""), run.info.run_id) for run in killed)
+        print(f"Sweep {self.parent_run_id} interrupted: {finished} runs finished, {len(killed)} KILLED with their "
+              f"checkpoints" + (f"; go on with: {resumes}" if killed else ""), file=sys.stderr)
+        sys.exit(1)
 
     def summarize(self, client: mlflow.MlflowClient, children: list, directory: Path, parent) -> None:
         """The comparison as the parent's artifacts; the sweep's and its best configuration's scores as its metrics."""

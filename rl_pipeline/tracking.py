@@ -4,6 +4,7 @@ import fcntl
 import json
 import os
 import secrets
+import shlex
 import signal
 import sys
 import threading
@@ -19,7 +20,7 @@ import pytorch_lightning.loggers
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from mlflow.entities import RunStatus
+from mlflow.entities import LoggedModelStatus, Run, RunStatus
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
@@ -35,8 +36,11 @@ SERVER_SCHEMES = ("http", "https")
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # SQLAlchemy's, with or without +driver
 SQLITE_HEADER = b"SQLite format 3\x00"
 ERROR_TAG = "error"  # on a FAILED run: the one line that said why
+# What the experiment's view draws one curve (and band) for: a sweep's name for its runs, a run's own name otherwise.
+GROUP_TAG = "group"
 SYSTEM_METRICS_INTERVAL_S = 5
-# How a run is watched, checkpointed and where it writes, not what it trains: no params (config.yaml has them).
+# How a run is watched, checkpointed and where it writes, not what it trains: no params (config.yaml
+# has them), and free to differ between a run and its resume.
 NOT_SETTINGS = (
     "paths.", "logger.", "callbacks.", "resume", "trainer.lightning.enable_progress_bar", "trainer.lightning.enable_model_summary",
 )
@@ -172,6 +176,12 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
+def resume_command(overrides: str, run_id: str) -> str:
+    """The command that goes on with a run, given the overrides it was started with (its tag `overrides`)."""
+    kept = [shlex.quote(override) for override in overrides.split() if override_key(override) != "resume"]
+    return " ".join(["python -m rl_pipeline", *kept, f"resume={run_id}"])
+
+
 def run_name(cfg: DictConfig, overrides: list[str]) -> str:
     """`CartPole-v1 experiment=dqn seed=1 3f9a0c`: the env, the overrides (seed last) and 6 random hex digits.
 
@@ -182,7 +192,7 @@ def run_name(cfg: DictConfig, overrides: list[str]) -> str:
 
 
 def current_sweep() -> dict | None:
-    """{"parent_run_id", "swept_keys"} when this job is one of a Hydra multirun (see sweeps.py)."""
+    """{"parent_run_id", "swept_keys", "group"} when this job is one of a Hydra multirun (see sweeps.py)."""
     if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
         return None
     sweep = os.environ.get(SWEEP_ENV)
@@ -229,6 +239,18 @@ def client(uri: str) -> mlflow.MlflowClient:
         return mlflow.MlflowClient(uri)
 
 
+def search_runs(client: mlflow.MlflowClient, experiment_ids: list[str], filter_string: str = "",
+                order_by: list[str] | None = None) -> Iterator[Run]:
+    """Every run the query matches, page after page: MLflow answers at most 1,000 runs a page."""
+    token = None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, order_by=order_by, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
 def run_or_none(client: mlflow.MlflowClient, run_id: str):
     try:
         return client.get_run(run_id)
@@ -254,7 +276,8 @@ def new_run_name_and_tags(cfg: DictConfig) -> tuple[str, dict[str, str]]:
     if sweep:
         tags |= {"mlflow.parentRunId": sweep["parent_run_id"], "sweep_id": sweep["parent_run_id"]}
         overrides = [o for o in overrides if override_key(o) in sweep["swept_keys"]]
-    return cfg.logger.run_name or run_name(cfg, overrides), tags
+    name = cfg.logger.run_name or run_name(cfg, overrides)
+    return name, {**tags, GROUP_TAG: sweep["group"] if sweep else name}
 
 
 def record_failed_job(cfg: DictConfig, error: str) -> None:
@@ -362,13 +385,24 @@ class MLFlowLogger(pytorch_lightning.loggers.MLFlowLogger):
         """The status is `mlflow_run`'s to set, once the export is done."""
 
 
-def log_policy(policy: nn.Module, step: int) -> mlflow.models.model.ModelInfo:
-    """The greedy policy's Q-function, loadable by `mlflow.pytorch.load_model("runs:/<id>/model")`.
+def log_policy(policy: nn.Module, step: int) -> str:
+    """The greedy policy's Q-function, loadable by `mlflow.pytorch.load_model("runs:/<id>/model")`; its model id.
 
+    A run holds one policy: a resumed export keeps the model that the interrupted one finished
+    logging (the same best checkpoint's) and replaces one it left unfinished.
     Pickled rather than MLflow 3's default 'pt2' export, which fixes the batch size to the example's.
     The package's code travels with the model, and its requirements are stated rather than inferred
     (inference runs a subprocess that costs seconds).
     """
+    run = mlflow.active_run().info
+    client = mlflow.MlflowClient()
+    logged = client.search_logged_models([run.experiment_id], filter_string=f"source_run_id = '{run.run_id}'")
+    finished = next((model for model in logged if model.status == LoggedModelStatus.READY), None)
+    for model in logged:
+        if model is not finished:
+            client.delete_logged_model(model.model_id)
+    if finished is not None:
+        return finished.model_id
     return mlflow.pytorch.log_model(
         policy,
         name="model",
@@ -376,7 +410,7 @@ def log_policy(policy: nn.Module, step: int) -> mlflow.models.model.ModelInfo:
         serialization_format="pickle",
         code_paths=[str(Path(rl_pipeline.__file__).parent)],
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-    )
+    ).model_id
 
 
 def metric_curve(client: mlflow.MlflowClient, run_id: str, key: str) -> tuple[np.ndarray, np.ndarray]:

@@ -2,6 +2,7 @@
 
 import inspect
 import logging
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -23,8 +24,9 @@ from rl_pipeline.checkpoints import (
     SigtermExits,
     find_resume_checkpoint,
 )
-from rl_pipeline.config import build, check_settings, target_of
+from rl_pipeline.config import build, check_plain_types, check_settings, target_of
 from rl_pipeline.export import export, restore_trained, summary
+from rl_pipeline.jobs import in_multirun
 from rl_pipeline.module import DQNModule, TrainingDiverged
 from rl_pipeline.parts import build_module, solved_return
 from rl_pipeline.validation import expected
@@ -46,7 +48,7 @@ def build_callbacks(cfg: DictConfig, checkpoint_dir: Path) -> dict[str, pl.Callb
     from_the_run = {
         ModelCheckpoint: {"dirpath": checkpoint_dir},
         ResumableCheckpoint: {"dirpath": checkpoint_dir},
-        StopWhenSolved: {"solved_return": solved_return(cfg)},
+        StopWhenSolved: {"solved_return": solved_return(cfg) if cfg.trainer.stop_when_solved else None},
     }
     callbacks = {}
     for name, node in cfg.callbacks.items():
@@ -75,6 +77,7 @@ def relied_on(callbacks: dict[str, pl.Callback], name: str, kind: type) -> pl.Ca
 def build_trainer(cfg: DictConfig, module: DQNModule, callbacks: list[pl.Callback]) -> pl.Trainer:
     """Lightning's Trainer, built before the MLflow run exists so that a bad argument opens no run."""
     schedule = module.schedule
+    check_plain_types(cfg.trainer.lightning, "trainer.lightning")
     return build(
         cfg.trainer.lightning,
         "trainer.lightning",
@@ -132,20 +135,33 @@ def train(cfg: DictConfig) -> float:
 
     # One process per run (a second resume is refused); from the run's creation on, SIGTERM ends it KILLED.
     lock = RunLock(checkpoint_dir, key="resume" if resume else "hydra.run.dir")
-    with lock, SigtermExits() as sigterm, tracking.mlflow_run(cfg, resume and resume.run_id) as run:
-        if resume:
-            log.info("Resuming MLflow run %s from %s", run.info.run_id, resume.path)
-        else:
-            mlflow.set_tag(CHECKPOINT_TAG, str(last.path.resolve()))
-        last.mlflow_run_id = run.info.run_id
-        trainer.logger = build(cfg.logger, "logger", tracking_uri=uri, run_id=run.info.run_id)
-        with tracking.resumable_on_server_loss(uri, last.path, run.info.run_id):
-            if resume and resume.training_done:
-                restore_trained(module, best, resume.path)
+    run = None
+    try:
+        with lock, SigtermExits() as sigterm, tracking.mlflow_run(cfg, resume and resume.run_id) as run:
+            if resume:
+                log.info("Resuming MLflow run %s from %s", run.info.run_id, resume.path)
             else:
-                with sigterm.lightning_fit():
-                    fit(trainer, module, resume and resume.path, last.path)
-            score = export(cfg, module, best, last.path, started)
+                mlflow.set_tag(CHECKPOINT_TAG, str(last.path.resolve()))
+            last.mlflow_run_id = run.info.run_id
+            trainer.logger = build(cfg.logger, "logger", tracking_uri=uri, run_id=run.info.run_id)
+            with tracking.resumable_on_server_loss(uri, last.path, run.info.run_id):
+                if resume and resume.training_done:
+                    restore_trained(module, best, resume.path)
+                else:
+                    with sigterm.lightning_fit():
+                        fit(trainer, module, resume and resume.path, last.path)
+                score = export(cfg, module, best, last.path, started)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C or SIGTERM: the run is KILLED, its checkpoint kept
+        if run is not None and not in_multirun():  # a sweep says it once for all its jobs
+            print(interrupted(run.info.run_id, last), file=sys.stderr)
+        raise
 
     print(summary(run, score, module.env_steps, started, uri))
     return score.mean
+
+
+def interrupted(run_id: str, last: ResumableCheckpoint) -> str:
+    """The last line of an interrupted run: what is kept, and the command that goes on with it."""
+    command = tracking.resume_command(" ".join(tracking.task_overrides()), run_id)
+    return (f"Interrupted: MLflow run {run_id} is KILLED, {last.path} holds it at {last.saved_at_env_steps} env steps; "
+            f"go on with: {command}")

@@ -18,6 +18,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -51,6 +52,9 @@ NOT_CHARTED = [
     "system/network_transmit_megabytes", "system/system_memory_usage_percentage",
     *(f"{scope}/{name}" for scope in ("sweep", "best") for name in compare.SUMMARY_METRICS),  # a sweep parent's
 ]
+# MLflow 3.17's server starts a job runner (8 consumer processes, 20+ s to its first answer, CPU while
+# idle) for features that these servers never use.
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 RESULT_COLUMNS = ["test/return_mean", "test/return_lower_bound", "final/solved_env_steps", "final/wall_seconds"]
 
 
@@ -104,7 +108,9 @@ def save_view(client: mlflow.MlflowClient, experiment_id: str, key: str, name: s
 
 
 def save_experiment_view(client: mlflow.MlflowClient, experiment_id: str) -> None:
-    save_view(client, experiment_id, EXPERIMENT_VIEW, "rl_pipeline: all runs", view_state(columns=["env", "seed"]))
+    # One curve per sweep (its runs' mean, with a band) and per single run: a sweep's parent has no curves of its own.
+    state = view_state(group_by=[("tag", tracking.GROUP_TAG)], columns=["env", "seed"])
+    save_view(client, experiment_id, EXPERIMENT_VIEW, "rl_pipeline: all runs", state)
 
 
 def sweep_view_key(sweep_id: str) -> str:
@@ -150,7 +156,28 @@ def serve(uri: str, port: int) -> subprocess.Popen:
         sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
         "--port", str(port), "--workers", "1",
     ]
-    return subprocess.Popen(command, start_new_session=True)  # its workers form one process group, stopped as one
+    # Its workers form one process group, stopped as one.
+    return subprocess.Popen(command, env={**os.environ, **SERVER_ENV}, start_new_session=True)
+
+
+def check_port_free(port: int) -> None:
+    """One line naming a port to try, rather than the server's start-up log ending in an exit."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise SystemExit(f"ui: port {port} on 127.0.0.1 is in use; try --port {free_port()}") from None
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def wait_until_up(address: str, server: subprocess.Popen, timeout_s: float = 60) -> None:
@@ -201,6 +228,10 @@ def main(argv: list[str] | None = None) -> None:
     if tracking.is_server(uri):
         print(f"Open {links}", flush=True)
         return
+    check_port_free(args.port)
+    # A closed terminal, `timeout` or a service manager stop the server with this process, as Ctrl-C does.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, exit_on_signal)
     server = serve(uri, args.port)
     try:
         wait_until_up(address, server)

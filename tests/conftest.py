@@ -14,6 +14,7 @@ from torch import nn
 from benchmarks import services
 from benchmarks.services import free_port
 from rl_pipeline.config import CONF_DIR
+from rl_pipeline.tracking import search_runs
 
 # A budget small enough for seconds, large enough to update and evaluate.
 TINY_RUN = (
@@ -115,7 +116,7 @@ def all_runs(tracking_uri: str) -> list:
     experiments = client.search_experiments()
     if not experiments:
         return []
-    return client.search_runs([e.experiment_id for e in experiments])
+    return list(search_runs(client, [e.experiment_id for e in experiments]))
 
 
 @torch.no_grad()

@@ -183,10 +183,14 @@ def test_interrupted_run_saves_a_checkpoint_ends_killed_and_resumes_to_finished(
         assert any("last.ckpt at 2560 env steps" in line for line in process.stdout), "no periodic checkpoint"
         process.send_signal(signum)
         assert process.wait(timeout=60) == exit_code
+        last_line = process.stdout.read().strip().splitlines()[-1]
     finally:
         process.kill()
     (run,) = all_runs(tracking_uri)
     assert run.info.status == "KILLED"
+    assert last_line.startswith(f"Interrupted: MLflow run {run.info.run_id} is KILLED, ")
+    assert last_line.endswith(f"go on with: python -m rl_pipeline +experiment=dqn {' '.join(budget)} "
+                              f"trainer.lightning.enable_progress_bar=false resume={run.info.run_id}")
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     stopped_at = checkpoint["training_state"]["collector"]["env_steps"]
     assert 2560 <= stopped_at < 10240 and "q_network.trunk.1.weight" in checkpoint["state_dict"]

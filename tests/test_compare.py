@@ -1,8 +1,25 @@
+import csv
+import json
+
+import mlflow
 import numpy as np
 import pytest
+from mlflow.entities import Metric, Param
 from scipy import stats
 
-from rl_pipeline.compare import SUMMARY_METRICS, RunRow, aggregate, configuration_rows, interquartile_mean, on_grid
+from rl_pipeline.compare import (
+    RESULT_METRIC,
+    SUMMARY_METRICS,
+    SWEPT_KEYS_TAG,
+    RunRow,
+    aggregate,
+    configuration_rows,
+    find_runs,
+    interquartile_mean,
+    on_grid,
+    write_report,
+)
+from rl_pipeline.compare import main as compare_main
 from rl_pipeline.sweeps import swept_keys
 
 
@@ -61,3 +78,38 @@ def test_a_configuration_row_holds_its_seeds_mean_spread_interval_solved_fractio
         "best/test_return_mean": 200.0, "best/test_return_std": 0.0, "best/solved_fraction": 0.0, "best/runs": 1.0,
     }
     assert set(best.metrics("sweep")) == {f"sweep/{name}" for name in SUMMARY_METRICS}
+
+
+def a_sweep(client: mlflow.MlflowClient, swept: list[str], children: list[dict[str, str]]) -> str:
+    """A sweep's parent run and a FINISHED child per params dict, each with a test return; the sweep's id."""
+    experiment_id = client.create_experiment("sweep")
+    parent = client.create_run(experiment_id, tags={"sweep_role": "parent", SWEPT_KEYS_TAG: json.dumps(swept)})
+    sweep_id = parent.info.run_id
+    for number, params in enumerate(children):
+        run_id = client.create_run(experiment_id, tags={"mlflow.parentRunId": sweep_id}).info.run_id
+        client.log_batch(run_id, metrics=[Metric(RESULT_METRIC, float(number), 0, 0)],
+                         params=[Param(key, value) for key, value in params.items()])
+        client.set_terminated(run_id)
+    return sweep_id
+
+
+def test_a_sweep_pools_its_seeds_into_one_row_per_configuration(tmp_path, tracking_uri):
+    client = mlflow.MlflowClient(tracking_uri)
+    grid = [{"seed": str(seed), "optimizer.lr": lr} for lr in ("0.001", "0.01") for seed in range(3)]
+    sweep_id = a_sweep(client, ["seed", "optimizer.lr"], grid)
+    runs, keys, _ = find_runs(client, sweep_id)
+    assert keys == ["optimizer.lr"]
+    report = write_report(client, runs, keys, tmp_path, "sweep")
+    assert [(row.configuration, row.runs) for row in report.configurations] == [
+        ("optimizer.lr=0.01", 3), ("optimizer.lr=0.001", 3)
+    ]
+
+
+def test_compare_reads_every_child_past_mlflows_page_of_1000_runs(tmp_path, tracking_uri, monkeypatch):
+    client = mlflow.MlflowClient(tracking_uri)
+    sweep_id = a_sweep(client, ["seed"], [{"seed": str(seed)} for seed in range(1005)])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    compare_main([sweep_id, "--out", str(tmp_path / "report")])
+    with open(tmp_path / "report" / "runs.csv") as runs_csv:
+        rows = list(csv.DictReader(runs_csv))
+    assert len(rows) == 1005 and len({row["run id"] for row in rows}) == 1005

@@ -5,12 +5,13 @@ test_cli.py checks, in subprocesses, that such an error reaches the user as one 
 """
 
 import gymnasium as gym
+import mlflow
 import pytest
 from hydra.errors import HydraException
 from torch import nn
 
 from conftest import all_runs, compose_config
-from rl_pipeline.checkpoints import AtomicCheckpointIO
+from rl_pipeline.checkpoints import CHECKPOINT_TAG, AtomicCheckpointIO
 from rl_pipeline.parts import check_network_fits
 from rl_pipeline.train import train
 from rl_pipeline.validation import ConfigError
@@ -29,7 +30,7 @@ CASES = [
     (("+trainer.lightning.limit_val_batches=0",), "trainer.lightning.limit_val_batches: set by the pipeline itself"),
     (("+trainer.lightning.max_time=00:00:00:01",), "trainer.lightning.max_time: set by the pipeline itself"),
     (("trainer.lightning.accelerator=tpu",), "trainer.lightning:"),  # Lightning's own check, keyed
-    (("+trainer.lightning.precision=99",), "trainer.lightning:"),
+    (("+trainer.lightning.precision=99",), "trainer.lightning.precision: expected 64 or 32 or 16 or"),
     (("trainer.max_env_steps=200",), "trainer.max_env_steps: expected at least collector.learning_starts (256)"),
     (("logger.experiment_name=''",), "logger.experiment_name: expected a name of 1 to 500 characters"),
     ((f"logger.experiment_name={'x' * 501}",), "logger.experiment_name: expected a name of 1 to 500 characters"),
@@ -65,6 +66,9 @@ KEYED = [
     ("buffer.capacity=abc", "buffer.capacity"),  # wrong type
     ("trainer.max_env_steps=many", "trainer.max_env_steps"),  # wrong type
     ("trainer.eval_episodes=1.5", "trainer.eval_episodes"),  # wrong type
+    ("trainer.eval_max_episode_steps=0", "trainer.eval_max_episode_steps"),
+    ("trainer.lightning.log_every_n_steps=abc", "trainer.lightning.log_every_n_steps"),  # wrong type, Lightning's
+    ("trainer.lightning.enable_model_summary=maybe", "trainer.lightning.enable_model_summary"),
     ("loss.loss=l1", "loss.loss"),  # unknown choice
     ("env.vectorization_mode=threads", "env.vectorization_mode"),  # unknown choice
     ("env.id=NoSuchEnv-v0", "env.id"),  # unknown env id
@@ -163,3 +167,12 @@ def test_a_network_that_cannot_take_the_observations_is_named():
         check_network_fits(nn.Linear(3, 2), space, num_actions=2)
     with pytest.raises(ConfigError, match=r"^network: expected Q-values of shape \(1, 2\) for one observation, got \(1, 5\)"):
         check_network_fits(nn.Linear(4, 5), space, num_actions=2)
+
+
+def test_resuming_a_run_whose_checkpoint_was_deleted_names_the_missing_file(store, tmp_path):
+    client = mlflow.MlflowClient(store)
+    deleted = tmp_path / "old-run" / "checkpoints" / "last.ckpt"
+    run_id = client.create_run(client.create_experiment("rl_pipeline"), tags={CHECKPOINT_TAG: str(deleted)}).info.run_id
+    cfg = compose_config(*TINY, f"resume={run_id}", f"paths.output_dir={tmp_path / 'run'}")
+    with pytest.raises(ConfigError, match=rf"^resume: the checkpoint of MLflow run {run_id} is missing: no file at {deleted} "):
+        train(cfg)

@@ -1,5 +1,6 @@
 """Evaluation: greedy episodes on fixed seeds, scored the same way for screening, confirmation and testing."""
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -46,6 +47,17 @@ def test_a_vectorized_evaluation_equals_greedy_single_env_episodes_seed_by_seed(
     assert len(set(reference)) > 2, "episodes of different lengths, or the test proves nothing"
     if max_episode_steps:
         assert 0 < reference.count(max_episode_steps) < 6, "some episodes truncated, some not"
+
+
+def test_episodes_that_never_end_are_cut_at_the_step_cap_with_a_warning(caplog):
+    # MountainCar without its time limit, and a policy that never pushes: the flag is never reached.
+    never_ends = gym.vector.SyncVectorEnv([lambda: gym.make("MountainCar-v0").unwrapped] * 2)
+    coasting = nn.Linear(2, 3)
+    nn.init.zeros_(coasting.weight)
+    coasting.bias.data = torch.tensor([0.0, 1.0, 0.0])  # action 1: no push
+    returns = evaluate(coasting, never_ends, seed=0, max_episode_steps=300)
+    np.testing.assert_array_equal(returns, [-300.0, -300.0])
+    assert "Evaluation cut 2 of 2 episodes still running after 300 steps (trainer.eval_max_episode_steps)" in caplog.text
 
 
 def test_evaluation_is_greedy_whatever_the_rng():

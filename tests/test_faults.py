@@ -74,7 +74,9 @@ def test_a_run_killed_just_after_it_started_resumes_with_every_step_logged_once(
         process.wait(timeout=60)
     finally:
         process.kill()
-    resumed = run_cli(*KILLABLE, "resume=last", cwd=tmp_path, tracking_uri=tracking_uri, run_dir=tmp_path / "resumed")
+    # Watched otherwise (with the progress bar) but the same experiment: not a reason to refuse the resume.
+    watched = [override.replace("enable_progress_bar=false", "enable_progress_bar=true") for override in KILLABLE]
+    resumed = run_cli(*watched, "resume=last", cwd=tmp_path, tracking_uri=tracking_uri, run_dir=tmp_path / "resumed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     (run,) = all_runs(tracking_uri)
     assert run.info.status == "FINISHED"
@@ -82,10 +84,11 @@ def test_a_run_killed_just_after_it_started_resumes_with_every_step_logged_once(
     assert_model_loads(tracking_uri, run.info.run_id)
 
 
-def test_sigterm_while_exporting_ends_killed_and_resume_finishes_the_export(tmp_path, tracking_uri):
+@pytest.mark.parametrize("when", ["Exporting to MLflow run", "Testing the exported policy"])
+def test_sigterm_while_exporting_ends_killed_and_resume_finishes_the_export(tmp_path, tracking_uri, when):
     process = start_cli("+experiment=dqn", *TINY_RUN, cwd=tmp_path, tracking_uri=tracking_uri, run_dir=tmp_path / "run")
     try:
-        read_until(process, "Exporting to MLflow run")
+        read_until(process, when)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 128 + signal.SIGTERM
     finally:
@@ -99,6 +102,8 @@ def test_sigterm_while_exporting_ends_killed_and_resume_finishes_the_export(tmp_
     assert run.info.status == "FINISHED" and run.data.metrics["final/env_steps"] == 1024
     assert_each_step_once(tracking_uri, run.info.run_id, last_step=1024)  # training was not replayed
     assert_model_loads(tracking_uri, run.info.run_id)
+    (model,) = mlflow.MlflowClient(tracking_uri).search_logged_models([run.info.experiment_id])  # one policy
+    assert model.source_run_id == run.info.run_id and "test/return_mean" in {m.key for m in model.metrics}
     assert {"config.yaml", "learning_curve.png", "episode.gif"} <= {
         a.path for a in mlflow.MlflowClient(tracking_uri).list_artifacts(run.info.run_id)
     }

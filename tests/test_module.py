@@ -6,8 +6,10 @@ it through spies that record and pass everything on unchanged.
 
 import csv
 import math
+import random
 from types import SimpleNamespace
 
+import mlflow
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -16,6 +18,8 @@ from pytorch_lightning.loggers import CSVLogger
 from torch.func import functional_call
 
 from conftest import compose_config
+from rl_pipeline.checkpoints import AtomicCheckpointIO, read_checkpoint
+from rl_pipeline.export import export_best
 from rl_pipeline.envs import layers, make_vector_env
 from rl_pipeline.evaluation import Score
 from rl_pipeline.config import check_settings
@@ -194,7 +198,9 @@ class RecordingEvaluator:
     def __call__(self, policy):
         returns = self.evaluator(policy)
         networks = (policy, self.module.q_network, self.module.target_network)
-        self.calls.append(SimpleNamespace(q_values=[net(self.probe) for net in networks], returns=returns))
+        self.calls.append(SimpleNamespace(
+            q_values=[net(self.probe) for net in networks], returns=returns, env_steps=self.module.env_steps
+        ))
         return returns
 
 
@@ -264,18 +270,18 @@ def test_each_iteration_logs_what_it_measured_at_its_env_step_in_float64(tmp_pat
 def test_evaluations_fall_exactly_every_interval_and_the_budget_is_spent_exactly(
     tmp_path, max_env_steps, eval_interval, evaluated_at
 ):
-    iterations, evaluated = [], []
+    iterations, recorders = [], []
 
     def before_fit(module):
         record_collections(module, iterations)
-        evaluate = module.evaluator
-        module.evaluator = lambda policy: (evaluated.append(module.env_steps), evaluate(policy))[1]
-        module.evaluator.solved_return = None
+        module.evaluator = RecordingEvaluator(module, probe=torch.zeros(1, 4))
+        recorders.append(module.evaluator)
 
     module, trainer = fit_module(
         tmp_path, f"trainer.max_env_steps={max_env_steps}", f"trainer.eval_interval_env_steps={eval_interval}",
         before_fit=before_fit,
     )
+    evaluated = [call.env_steps for call in recorders[0].calls]
     assert evaluated == evaluated_at
     assert module.env_steps == max_env_steps
     assert all(it.asked <= 128 for it in iterations), "never more than collector.env_steps_per_iteration"
@@ -347,3 +353,66 @@ def test_a_run_stops_and_is_solved_when_its_lower_bound_equals_the_threshold(tmp
     # The same run with the threshold at exactly that bound stops there, solved; a hair above, it goes on.
     assert stopped_at(tmp_path / "at", bound.item()) == (512, True)
     assert stopped_at(tmp_path / "above", math.nextafter(bound.item(), math.inf))[0] == 1024
+
+
+def test_a_run_that_goes_on_after_solving_records_the_first_evaluation_that_solved(tmp_path):
+    # Every evaluation passes a threshold of -1000; with stop_when_solved=false the run goes on to its budget.
+    module, _ = fit_module(tmp_path, "trainer.solved_return=-1000", "trainer.solved_confirm_episodes=3")
+    assert (module.solved_env_steps, module.env_steps) == (512, 1024)
+    restored, _ = fit_module(tmp_path / "restored", "trainer.max_env_steps=512")
+    assert restored.solved_env_steps is None  # CartPole's 475 is out of reach in 512 env steps
+    checkpoint = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    restored.on_load_checkpoint(checkpoint)
+    assert restored.solved_env_steps == 512  # a resumed export logs it too
+
+
+def build_small_module(tmp_path, *overrides: str):
+    cfg = compose_config(*SMALL, *overrides, f"paths.output_dir={tmp_path}")
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    return build_module(cfg)
+
+
+def next_iteration(module) -> tuple:
+    """What the module does next: the transitions it collects, a batch it samples, and its three RNG streams."""
+    collected = []
+    module.collector.collect(module.policy, collected.append, 128)
+    batch = module.buffer.sample(module.env_steps)
+    return collected, batch, torch.rand(3), np.random.rand(3), random.random()
+
+
+def test_a_module_restored_from_its_checkpoint_goes_on_exactly_as_the_one_that_saved_it(tmp_path):
+    trained, _ = fit_module(tmp_path / "trained")  # last.ckpt is written as training ends
+    checkpoint = read_checkpoint(tmp_path / "trained" / "checkpoints" / "last.ckpt")
+    counts = (trained.env_steps, trained.num_updates, trained.buffer.size)
+    expected_collected, expected_batch, *expected_draws = next_iteration(trained)
+
+    restored = build_small_module(tmp_path / "restored", "seed=1")  # another seed: nothing matches by chance
+    restored.load_state_dict(checkpoint["state_dict"])
+    restored.on_load_checkpoint(checkpoint)
+    restored.on_train_batch_start(None, 0)  # where a resuming Lightning restores the RNG streams
+    assert (restored.env_steps, restored.num_updates, restored.buffer.size) == counts and counts[2] > 900
+    # The same buffer, envs and RNG streams: the same next transitions, batch and draws, to the bit.
+    collected, batch, *draws = next_iteration(restored)
+    for got, expected in zip(collected, expected_collected, strict=True):
+        for a, b in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(a, b)
+    for name in ("indices", "observations", "actions", "rewards", "next_observations"):
+        torch.testing.assert_close(getattr(batch, name), getattr(expected_batch, name), rtol=0, atol=0)
+    for got, expected in zip(draws, expected_draws, strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_export_logs_the_best_checkpoints_weights_not_the_final_ones(tmp_path, tracking_uri):
+    module = build_small_module(tmp_path)
+    best = {name: weights + 0.5 if weights.is_floating_point() else weights
+            for name, weights in module.state_dict().items()}
+    path = tmp_path / "best-step=512.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": best, "env_steps": 512}, path)
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run():
+        policy, model_id, env_steps = export_best(module, str(path))
+    logged = mlflow.pytorch.load_model(f"models:/{model_id}")
+    assert env_steps == 512
+    for exported in (policy, logged):  # what is tested, and what is stored
+        weights = {f"q_network.{name.removeprefix('1.')}": w for name, w in exported.named_parameters()}
+        assert weights.keys() and all(torch.equal(w, best[name]) for name, w in weights.items())

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from conftest import all_runs, start_cli
-from rl_pipeline.checkpoints import AtomicCheckpointIO, check_same_config
+from rl_pipeline.checkpoints import (
+    TRAILER_BYTES,
+    AtomicCheckpointIO,
+    CorruptCheckpoint,
+    check_same_config,
+    verify_checksum,
+)
 from rl_pipeline.envs import env_state, make_vector_env, restore_env_state, sub_env_wrappers, wrap_for_training
 from rl_pipeline.tracking import MLFlowLogger
 from rl_pipeline.transforms import ClipReward, FrameStack, NormalizeObservation
@@ -73,6 +79,20 @@ def test_a_save_cut_short_leaves_the_previous_checkpoint_whole(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no partial file left behind
 
 
+def test_a_checkpoint_with_any_one_bit_flipped_is_refused(tmp_path):
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"weights": torch.arange(400_000.0)}, path)  # 1.6 MB: read in chunks
+    verify_checksum(path)
+    written = path.read_bytes()
+    body = len(written) - TRAILER_BYTES
+    for offset in (0, body // 2, (1 << 20) + 1, body - 1, len(written) - 1):  # the body's first, middle, past
+        flipped = bytearray(written)                                           # a chunk, last; the digest's last
+        flipped[offset] ^= 0x01
+        path.write_bytes(flipped)
+        with pytest.raises(CorruptCheckpoint, match="its checksum does not match its contents"):
+            verify_checksum(path)
+
+
 @pytest.mark.parametrize(
     ("vectorization_mode", "make_transforms"),
     [
@@ -114,8 +134,17 @@ def test_env_state_is_none_for_sub_envs_it_cannot_restore_exactly(id, kwargs):
 
 
 def test_resume_refuses_another_config_naming_the_key():
-    saved = {"optimizer.lr": "0.0023", "seed": "0", "paths.output_dir": "/a", "resume": "None"}
-    check_same_config(saved, {**saved, "paths.output_dir": "/b", "resume": "last"})  # where, not what
+    saved = {
+        "optimizer.lr": "0.0023", "seed": "0", "paths.output_dir": "/a", "resume": "None",
+        "trainer.lightning.enable_progress_bar": "False", "trainer.lightning.enable_model_summary": "False",
+        "logger.server_timeout_s": "20",
+    }
+    watched_otherwise = {  # where it writes and how it is watched, not what it trains
+        "paths.output_dir": "/b", "resume": "last", "trainer.lightning.enable_progress_bar": "True",
+        "trainer.lightning.enable_model_summary": "True", "logger.server_timeout_s": "60",
+        "callbacks.timestamps._target_": "benchmarks.timing.Timestamps",
+    }
+    check_same_config(saved, {**saved, **watched_otherwise})
     with pytest.raises(ConfigError, match=r"resume: the checkpoint was trained with optimizer.lr=0.0023, this job sets 0.001"):
         check_same_config(saved, {**saved, "optimizer.lr": "0.001"})
 

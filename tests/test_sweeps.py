@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import re
+import signal
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from conftest import TINY_RUN, all_runs, run_module
+from conftest import TINY_RUN, all_runs, read_until, run_module, start_module
 from rl_pipeline import compare
 
 pytestmark = pytest.mark.slow  # each runs a sweep of CLI jobs
@@ -213,3 +214,32 @@ def test_optuna_goes_on_past_a_diverging_trial_and_picks_the_best_finished_one(t
     assert failed and finished and len(failed) + len(finished) == 3
     assert all(run.data.tags["error"].startswith("TrainingDiverged: loss is") for run in failed)
     assert parent.data.tags["best_run_id"] in {run.info.run_id for run in finished}
+
+
+@pytest.mark.parametrize("launcher", [("hydra/launcher=joblib", "hydra.launcher.n_jobs=2"), ()], ids=["joblib", "basic"])
+def test_ctrl_c_on_a_sweep_ends_its_running_jobs_killed_and_says_how_to_resume_in_one_line(tmp_path, tracking_uri, launcher):
+    budget = [o for o in TINY_RUN if not o.startswith("trainer.max_env_steps=")] + [
+        "trainer.max_env_steps=4096", "trainer.stop_when_solved=false", "trainer.checkpoint_interval_env_steps=1024"]
+    sweep = start_module("rl_pipeline", "-m", *launcher, "+experiment=dqn", "seed=0,1,2,3", *budget,
+                         f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, tracking_uri=tracking_uri,
+                         stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        read_until(sweep, "last.ckpt at 1024 env steps")  # a job is training
+        os.killpg(sweep.pid, signal.SIGINT)  # as a terminal sends Ctrl-C: to the whole process group
+        assert sweep.wait(timeout=120) == 1
+        said = sweep.stderr.read()
+    finally:
+        sweep.kill()
+    assert "Traceback" not in said
+    line = said.strip().splitlines()[-1]
+    parent, children = parent_and_children(all_runs(tracking_uri))
+    killed = [run for run in children if run.info.status == "KILLED"]
+    assert parent.info.status == "KILLED" and killed and len(children) < 4  # the last jobs never started
+    assert all(run.info.status in ("KILLED", "FINISHED") for run in children)
+    assert line.startswith(f"Sweep {parent.info.run_id} interrupted: ") and line.count("resume=") == len(killed)
+
+    # The line's first command goes on with its run, to FINISHED.
+    command = re.search(r"go on with: (python -m rl_pipeline [^;]+)", line).group(1).split()
+    resumed = run_module(*command[2:], f"hydra.run.dir={tmp_path / 'resumed'}", cwd=tmp_path, tracking_uri=tracking_uri)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert mlflow.MlflowClient(tracking_uri).get_run(command[-1].removeprefix("resume=")).info.status == "FINISHED"

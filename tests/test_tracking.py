@@ -8,6 +8,8 @@ from contextlib import nullcontext
 
 import mlflow
 import pytest
+import torch
+from mlflow.entities import LoggedModelStatus
 
 from conftest import all_runs, compose_config
 from rl_pipeline import tracking
@@ -122,3 +124,15 @@ def test_a_signal_during_the_creation_of_a_fresh_store_waits_until_it_is_created
         assert received == [signal.SIGTERM]  # delivered once it is
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_resumed_export_keeps_the_one_finished_policy_and_replaces_an_unfinished_one(store):
+    mlflow.set_tracking_uri(store)
+    client = mlflow.MlflowClient(store)
+    with mlflow.start_run() as run:
+        experiment_id, run_id = run.info.experiment_id, run.info.run_id
+        client.create_logged_model(experiment_id, source_run_id=run_id, name="model")  # killed while uploading
+        model_id = tracking.log_policy(torch.nn.Linear(4, 2), step=512)
+        assert tracking.log_policy(torch.nn.Linear(4, 2), step=512) == model_id  # killed after it was logged
+    models = client.search_logged_models([experiment_id])
+    assert [(model.model_id, model.status) for model in models] == [(model_id, LoggedModelStatus.READY)]

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import zlib
@@ -17,6 +18,7 @@ from base64 import b64decode
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
@@ -87,6 +89,11 @@ def open_page(browser, url: str, ready: str, timeout: float = 60) -> str:
     return browser.find_element(By.TAG_NAME, "body").text
 
 
+def chart_card(browser, metric: str):
+    """The chart of `metric` in chart mode: its title, curves, legend and Step axis."""
+    return browser.find_element(By.XPATH, f"//*[text()='{metric}']/ancestor::*[.//*[text()='Step']][1]")
+
+
 def chart_sections(text: str) -> list[str]:
     """The chart view's sections, in order: a section's name is the line above its "(n charts)"."""
     lines = text.splitlines()
@@ -104,34 +111,31 @@ def test_the_links_that_ui_prints_open_the_comparison_in_a_real_browser(swept_st
         assert experiment_page.startswith(f"http://127.0.0.1:{port}/#/experiments/")
         assert "workflowType=machine_learning" in experiment_page and "compareRunsMode=CHART" in experiment_page
 
-        # 1. The experiment's runs, in Model-training mode, as charts; the sweep one row.
-        text = open_page(browser, experiment_page, "sweep seed=0,1")
+        # 1. The experiment's runs, in Model-training mode, as charts: a store of sweeps alone still shows curves,
+        # one per sweep (the mean of its runs, with a band), its runs listed in its group.
+        group = children[0].data.tags["group"]
+        text = open_page(browser, experiment_page, f"Group: {group}")
         browser.save_screenshot(str(SCREENSHOTS / "1-experiment.png"))
-        assert "Model training" in text and "Traces" not in chart_sections(text)
-        assert chart_sections(text)[:2] == ["eval", "train"] and not any(name in text for name in names)
-
-        # 2. The sweep expanded: its four runs under it.
-        browser.find_element(By.CSS_SELECTOR, "button[data-component-id$='runnamecellrenderer.tsx_46']").click()
-        WebDriverWait(browser, 30).until(lambda b: all(name[:20] in b.find_element(By.TAG_NAME, "body").text
-                                                       for name in names))
-        browser.save_screenshot(str(SCREENSHOTS / "2-sweep-expanded.png"))
+        assert "Model training" in text and "Group by: group" in text and "Traces" not in chart_sections(text)
+        assert chart_sections(text)[:2] == ["eval", "train"] and all(name[:20] in text for name in names)
+        assert f"{group} (eval/return_mean)" in chart_card(browser, "eval/return_mean").text  # the sweep's curve
     finally:
         stop(server)
 
     server, lines = start_ui(uri, sweep_id, "--port", str(port))
     try:
         sweep_page, comparison_page = links(lines)
-        # 3. The sweep's runs grouped by the swept param: one eval curve per learning rate, against env steps.
+        # 2. The sweep's runs grouped by the swept param: one eval curve per learning rate, against env steps.
         text = open_page(browser, sweep_page, "Group: 0.001")
-        browser.save_screenshot(str(SCREENSHOTS / "3-sweep-grouped.png"))
+        browser.save_screenshot(str(SCREENSHOTS / "2-sweep-grouped.png"))
         assert "Group by: optimizer.lr" in text and "Group: 0.0003" in text
         assert chart_sections(text) == ["eval", "train", "perf", "system"], "one-value results are no charts"
-        eval_card = browser.find_element(By.XPATH, "//*[text()='eval/return_mean']/ancestor::*[.//*[text()='Step']][1]")
+        eval_card = chart_card(browser, "eval/return_mean")
         assert "0.001" in eval_card.text and "0.0003" in eval_card.text  # a curve per group, x-axis env steps
 
-        # 4. The parent's comparison among its artifacts.
+        # 3. The parent's comparison among its artifacts.
         text = open_page(browser, comparison_page, "configurations.csv")
-        browser.save_screenshot(str(SCREENSHOTS / "4-comparison.png"))
+        browser.save_screenshot(str(SCREENSHOTS / "3-comparison.png"))
         assert {"comparison.md", "comparison.png", "runs.csv"} <= set(text.split())
         assert "Model training" in text and "Evaluation runs" not in text
         widths = [img.get_property("naturalWidth") for img in browser.find_elements(By.TAG_NAME, "img")]
@@ -175,3 +179,44 @@ def test_ui_without_a_store_says_so_in_one_line(tmp_path):
         f"ui: no MLflow store at {tmp_path / 'none.db'} yet; train a run first (or set MLFLOW_TRACKING_URI)"
     )
     assert not (tmp_path / "none.db").exists(), "asking created no store"
+
+
+@pytest.fixture
+def empty_store(tmp_path) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.MlflowClient(uri).create_experiment("rl_pipeline")
+    return uri
+
+
+def processes_on_port(port: int) -> list[psutil.Process]:
+    """The processes that serve `port` (the server and its workers name it on their command line)."""
+    serving = []
+    for process in psutil.process_iter(["cmdline"]):
+        command = process.info["cmdline"] or []
+        if "--port" in command and str(port) in command and "rl_pipeline.ui" not in " ".join(command):
+            serving.append(process)
+    return serving
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_ui_stopped_by_a_signal_stops_its_server_and_frees_the_port(empty_store, signum):
+    port = free_port()
+    process, _ = start_ui(empty_store, "--port", str(port))
+    assert processes_on_port(port), "the server runs, or this proves nothing"
+    process.send_signal(signum)  # to the ui alone, as `timeout`, a service manager or a closed terminal send it
+    assert process.wait(timeout=30) == 128 + signum
+    assert processes_on_port(port) == []
+
+
+def test_ui_on_a_port_in_use_says_so_in_one_line_naming_a_free_one(empty_store):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_module("rl_pipeline.ui", "--port", str(port), tracking_uri=empty_store, timeout=60)
+    assert result.returncode != 0 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    free = int(re.fullmatch(rf"ui: port {port} on 127.0.0.1 is in use; try --port (\d+)", line).group(1))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", free))  # it is free
