@@ -76,8 +76,8 @@ def postgres(port: int | None = None) -> Iterator[str]:
 
 def answers(url: str) -> bool:
     try:
-        urllib.request.urlopen(url, timeout=2)
-        return True
+        with urllib.request.urlopen(url, timeout=2):
+            return True
     except OSError:
         return False
 

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -23,6 +24,8 @@ import time
 from pathlib import Path
 
 from mlflow import MlflowClient
+
+from benchmarks import services
 
 SYSTEMS = {  # name -> command line; {seed} and {out} are filled in per run
     "A dqn": "-m rl_pipeline +experiment=dqn seed={seed} hydra.run.dir={out}/run",
@@ -33,6 +36,7 @@ SYSTEMS = {  # name -> command line; {seed} and {out} are filled in per run
 RATIOS = {"A dqn / B sb3": ("A dqn", "B sb3"), "A rainbow_lite / B sb3": ("A rainbow_lite", "B sb3"),
           "A dqn / C plain": ("A dqn", "C plain")}
 RUN_ID = re.compile(r"^MLflow run (\w+):", re.MULTILINE)
+LINK = re.compile(r"http://127\.0\.0\.1:\d+/\S*")
 STORE_OPEN = "import sys; from mlflow import MlflowClient; MlflowClient(sys.argv[1]).search_experiments()"
 
 
@@ -97,6 +101,20 @@ def store_creation_s(out: Path) -> dict:
     return {"fresh_s": fresh, "existing_s": existing, "extra_s": fresh - existing}
 
 
+def ui_start_s(uri: str) -> float:
+    """Seconds from starting `python -m rl_pipeline.ui` on the store to its printed link answering."""
+    started = time.time()
+    ui = subprocess.Popen([sys.executable, "-m", "rl_pipeline.ui", "--port", str(services.free_port())],
+                          env={**os.environ, "MLFLOW_TRACKING_URI": uri}, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        link = next(LINK.search(line).group(0) for line in ui.stdout if LINK.search(line))
+        services.wait_for(lambda: services.answers(link), ui, "the UI's link")
+        return time.time() - started
+    finally:
+        services.stop(ui, signal.SIGINT)
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| system | seed | env steps to solve | wall s to solve | env steps/s | start-up s | wind-down s "
@@ -148,13 +166,17 @@ def main() -> None:
             rows.append(run_system(system, seed, args.out, uri))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     summary_text, figures = summary(rows)
+    ui_s = ui_start_s(uri)
     report = (
         f"{table(rows)}\n\n{summary_text}\n\nStore creation: a fresh SQLite store opens in {store['fresh_s']:.2f} s, "
         f"an existing one in {store['existing_s']:.2f} s: {store['extra_s']:.2f} s extra for a first run.\n"
+        f"python -m rl_pipeline.ui: its link answered {ui_s:.1f} s after it started.\n"
     )
     print(report)
     (args.out / "speed.md").write_text(report)
-    (args.out / "speed.json").write_text(json.dumps({"runs": rows, "store_creation": store, **figures}, indent=2))
+    (args.out / "speed.json").write_text(
+        json.dumps({"runs": rows, "store_creation": store, "ui_start_s": ui_s, **figures}, indent=2)
+    )
 
 
 if __name__ == "__main__":

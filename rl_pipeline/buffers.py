@@ -116,8 +116,10 @@ class UniformReplayBuffer:
         )
         if self.storage is None:
             self.storage = self._allocate(incoming)
+        # A slice where the rows are contiguous: faster to write than a list of indices.
+        rows = slice(self.cursor, self.cursor + count) if self.cursor + count <= self.capacity else indices
         for name in STORED:
-            getattr(self.storage, name)[indices] = getattr(incoming, name)
+            getattr(self.storage, name)[rows] = getattr(incoming, name)
         self.cursor = (self.cursor + count) % self.capacity
         self.size = min(self.size + count, self.capacity)
         self._added(indices)

@@ -162,6 +162,9 @@ class RunLock:
 class ResumableCheckpoint(pl.Callback):
     """Keeps `dirpath/last.ckpt` current: at the start, every `interval_env_steps`, on an interrupt, and at the end.
 
+    Each checkpoint implies the metrics before it are stored: the run's logger, which holds them
+    back, writes them first (and at each evaluation, so that the UI's curves keep up).
+
     Not on a diverged loss: the checkpoint from before it stays, the last good state.
     Nor on a lost tracking server: a resume from the one before replays the iterations it did not log.
     Lightning's ModelCheckpoint counts optimizer steps, not env steps, hence this callback: it works
@@ -191,7 +194,11 @@ class ResumableCheckpoint(pl.Callback):
         if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
             self.save(trainer, pl_module)
 
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        store_metrics(trainer)
+
     def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        store_metrics(trainer)
         self.saved_at_env_steps = pl_module.env_steps
         trainer.save_checkpoint(self.path, weights_only=False)
         log.info("Saved %s at %d env steps", self.path, self.saved_at_env_steps)
@@ -206,6 +213,12 @@ class ResumableCheckpoint(pl.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.saved_at_env_steps = state_dict["saved_at_env_steps"]
+
+
+def store_metrics(trainer: pl.Trainer) -> None:
+    """Writes the metrics that the run's logger holds back (Lightning's other loggers hold none)."""
+    if isinstance(trainer.logger, tracking.MLFlowLogger):
+        trainer.logger.flush()
 
 
 @dataclass

@@ -115,12 +115,12 @@ class Collector:
             return 1.0
         return linear_schedule(self.epsilon_start, self.epsilon_end, self.epsilon_duration, self.env_steps)
 
-    def act(self, q_network: nn.Module, observations: np.ndarray) -> np.ndarray:
+    def act(self, q_network: nn.Module, observations: np.ndarray, device: torch.device | None = None) -> np.ndarray:
         explore = torch.rand(self.num_envs) < self.epsilon
         random_actions = torch.randint(int(self.env.single_action_space.n), (self.num_envs,)).numpy()
         if explore.all():  # no greedy action needed: spare the forward pass (all of warm-up)
             return random_actions
-        return np.where(explore.numpy(), random_actions, greedy_actions(q_network, observations))
+        return np.where(explore.numpy(), random_actions, greedy_actions(q_network, observations, device))
 
     def state_dict(self) -> dict:
         return {
@@ -148,8 +148,9 @@ class Collector:
         if self.observations is None:  # new episodes; after a resume, not the first run's again
             self.observations, _ = self.env.reset(seed=self.seed + self.env_steps)
         stats = CollectStats()
+        device = next(q_network.parameters()).device
         for _ in range(env_steps // self.num_envs):
-            actions = self.act(q_network, self.observations)
+            actions = self.act(q_network, self.observations, device)
             next_observations, rewards, terminated, truncated, info = self.env.step(actions)
             transitions = self.n_step_returns(
                 self.observations, actions, rewards, next_observations, terminated, truncated, ~self.resetting

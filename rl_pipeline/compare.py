@@ -18,7 +18,7 @@ import numpy as np
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
-from rl_pipeline import tracking
+from rl_pipeline import store, tracking
 from rl_pipeline.evaluation import Score
 from rl_pipeline.plots import Curve, plot_curves
 
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("target", help="a sweep id (the sweep's parent run id) or an experiment name")
     parser.add_argument("--out", type=Path, help="where to write the report (default: outputs/compare/TARGET)")
     args = parser.parse_args(argv)
-    client = mlflow.MlflowClient(tracking.tracking_uri())
+    client = mlflow.MlflowClient(store.tracking_uri())
     runs, keys, title = find_runs(client, args.target)
     if not runs:
         raise SystemExit(f"compare: no runs found for {args.target!r}")

@@ -16,7 +16,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from rl_pipeline import tracking
+from rl_pipeline import store
 from rl_pipeline.evaluation import Score, record_gif, score_policy
 from rl_pipeline.parts import build_env, build_transforms, eval_env_maker
 from rl_pipeline.validation import ConfigError, non_negative_int, positive_int
@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> Score:
     parser.add_argument("--video", type=Path, help="also write an animated GIF of the first episode here")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the output is the score
-    uri = tracking.tracking_uri()
+    uri = store.tracking_uri()
     try:
-        tracking.check_store(uri)
+        store.check_store(uri)
         client = mlflow.MlflowClient(uri)
         try:
             cfg = run_config(client, args.run_id)

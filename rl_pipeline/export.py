@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
-from rl_pipeline import tracking, ui
+from rl_pipeline import tracking, views
 from rl_pipeline.checkpoints import read_checkpoint
 from rl_pipeline.evaluation import Score, record_gif, score_policy
 from rl_pipeline.module import DQNModule
@@ -85,8 +85,8 @@ def log_plots(cfg: DictConfig, policy: nn.Module) -> None:
 
 def summary(run: mlflow.ActiveRun, score: Score, env_steps: int, started: float, uri: str) -> str:
     """The run's last line: its result, and where to see it."""
-    page = ui.run_link(ui.ui_address(uri), run.info.experiment_id, run.info.run_id)
+    page = views.run_link(views.ui_address(uri), run.info.experiment_id, run.info.run_id)
     return (
         f"MLflow run {run.info.run_id}: test return {score} on held-out seeds, {env_steps} env steps, "
-        f"{time.perf_counter() - started:.1f} s wall, store {uri}, open {ui.where_to_look(uri, page)}"
+        f"{time.perf_counter() - started:.1f} s wall, store {uri}, open {views.where_to_look(uri, page)}"
     )

@@ -26,7 +26,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from rl_pipeline import tracking
+from rl_pipeline import store, tracking
 from rl_pipeline.checkpoints import CorruptCheckpoint
 from rl_pipeline.module import TrainingDiverged
 from rl_pipeline.validation import ConfigError
@@ -65,7 +65,7 @@ def report(error: Exception) -> tuple[str, int] | None:
     if is_disk_full(error):
         return f"Disk full: {error}; free space and resume the run with resume=", DISK_FULL_EXIT
     if damage := store_damage(error):
-        return (f"Store damaged: {tracking.tracking_uri()} cannot be read (SQLite: {damage}); "
+        return (f"Store damaged: {store.tracking_uri()} cannot be read (SQLite: {damage}); "
                 "restore it from a backup or point MLFLOW_TRACKING_URI at another store"), STORE_DAMAGED_EXIT
     return None
 

@@ -124,7 +124,8 @@ def update_target(target_network: nn.Module, q_network: nn.Module, tau: float) -
 
 
 @torch.no_grad()
-def greedy_actions(policy: nn.Module, observations: np.ndarray) -> np.ndarray:
-    """argmax_a Q(s, a) for each observation of the batch, on the policy's device."""
-    device = next(policy.parameters()).device
+def greedy_actions(policy: nn.Module, observations: np.ndarray, device: torch.device | None = None) -> np.ndarray:
+    """argmax_a Q(s, a) for each observation of the batch, on the policy's device (given, where known: finding
+    it walks the policy's modules)."""
+    device = device or next(policy.parameters()).device
     return policy(torch.as_tensor(observations, device=device)).argmax(dim=1).cpu().numpy()

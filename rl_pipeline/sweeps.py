@@ -16,7 +16,7 @@ from hydra.experimental.callback import Callback
 from mlflow.entities import Metric, Param, RunStatus
 from omegaconf import DictConfig, OmegaConf
 
-from rl_pipeline import compare, tracking, ui
+from rl_pipeline import compare, store, tracking, views
 from rl_pipeline.jobs import exit_on, mark_sweep_interrupted, sweep_interrupted
 from rl_pipeline.validation import ConfigError
 
@@ -47,7 +47,7 @@ class MLflowSweep(Callback):
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        uri = tracking.tracking_uri()
+        uri = store.tracking_uri()
         check_launcher(config, uri)
         client = tracking.client(uri)
         overrides = list(config.hydra.overrides.task)
@@ -63,7 +63,7 @@ class MLflowSweep(Callback):
         group = f"{parent.info.run_name} {self.parent_run_id[:8]}"  # two sweeps of one command stay apart
         client.set_tag(self.parent_run_id, "sweep_id", self.parent_run_id)
         client.set_tag(self.parent_run_id, tracking.GROUP_TAG, group)
-        ui.save_sweep_view(client, experiment_id, self.parent_run_id, keys)
+        views.save_sweep_view(client, experiment_id, self.parent_run_id, keys)
         sweep = {"parent_run_id": self.parent_run_id, "swept_keys": keys, "group": group}
         set_in_jobs(config, {  # what each job needs, wherever the launcher runs it
             f"hydra.job.env_set.{tracking.SWEEP_ENV}": json.dumps(sweep),
@@ -78,8 +78,8 @@ class MLflowSweep(Callback):
         log.info("MLflow sweep %s: child runs nest under it; watch them at %s", self.parent_run_id, self.link(uri, experiment_id))
 
     def link(self, uri: str, experiment_id: str) -> str:
-        page = ui.runs_link(ui.ui_address(uri), experiment_id, ui.sweep_view_key(self.parent_run_id))
-        return ui.where_to_look(uri, page)
+        page = views.runs_link(views.ui_address(uri), experiment_id, views.sweep_view_key(self.parent_run_id))
+        return views.where_to_look(uri, page)
 
     def interrupt(self, signum, frame) -> None:
         """Ctrl-C: the running jobs stop after their iteration, KILLED and resumable; the rest do not start.
@@ -101,7 +101,7 @@ class MLflowSweep(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         signal.signal(signal.SIGINT, self.previous_sigint)
-        uri = tracking.tracking_uri()
+        uri = store.tracking_uri()
         client = tracking.client(uri)
         parent = client.get_run(self.parent_run_id)
         children = compare.sweep_children(client, parent)
@@ -165,7 +165,7 @@ def check_launcher(config: DictConfig, uri: str) -> None:
         extra = next((extra for package, extra in LAUNCHER_EXTRAS.items() if target.startswith(package)), None)
         install = f"; pip install -e '.[{extra}]'" if extra else ""
         exit_on(ConfigError("hydra/launcher", f"expected an installed launcher, got {target} ({error}){install}"))
-    if tracking.sqlite_path(uri) is not None and target not in SAME_MACHINE_LAUNCHERS:
+    if store.sqlite_path(uri) is not None and target not in SAME_MACHINE_LAUNCHERS:
         exit_on(ConfigError("MLFLOW_TRACKING_URI", f"expected an MLflow server (http://HOST:PORT) that every job can "
                             f"reach, got the SQLite file {uri}, which {name}'s jobs on other machines cannot"))
 

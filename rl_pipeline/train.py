@@ -14,7 +14,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader
 
-from rl_pipeline import tracking
+from rl_pipeline import store, tracking
 from rl_pipeline.callbacks import StopWhenSolved
 from rl_pipeline.checkpoints import (
     CHECKPOINT_TAG,
@@ -117,8 +117,8 @@ def train(cfg: DictConfig) -> float:
     """
     started = time.perf_counter()
     check_settings(cfg)
-    uri = tracking.tracking_uri()
-    tracking.check_store(uri)
+    uri = store.tracking_uri()
+    store.check_store(uri)
     tracking.bound_server_wait(cfg.logger.server_timeout_s)
     resume = None
     if cfg.resume is not None:

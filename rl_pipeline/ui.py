@@ -1,21 +1,14 @@
-"""The way into the MLflow UI: saved views that open on curves, and the links that open them.
-
-    python -m rl_pipeline.ui [SWEEP_ID] [--port 5000]
+"""The way into the MLflow UI: `python -m rl_pipeline.ui [SWEEP_ID] [--port 5000]`.
 
 Starts the MLflow UI on the configured store (or uses the server that MLFLOW_TRACKING_URI names)
 and prints a link to the experiment's runs in the Model-training view, as charts; with a sweep id,
-to that sweep's runs grouped by what it varies.
+to that sweep's runs grouped by what it varies (see views.py).
 
-MLflow 3's UI keeps its chart layout in the browser, and auto-charts every metric: a metric whose
-values are all at step 0 as a bar chart, any other as a line. A saved view is the one layout that
-travels with the store: an experiment tag `mlflow.sharedViewState.<key>` holding the page's state,
-opened by `?viewStateShareKey=<key>` (the UI's own Views menu lists them). Ours chart the curves,
-list the one-value results (test/*, final/*) as table columns, and leave the rest out of sight.
+The server takes seconds to start, so it starts first: this module imports nothing heavy (MLflow,
+torch) until it has.
 """
 
 import argparse
-import base64
-import json
 import os
 import signal
 import socket
@@ -23,131 +16,19 @@ import subprocess
 import sys
 import time
 import urllib.request
-import zlib
-from urllib.parse import quote
 
-import mlflow
-
-from rl_pipeline import compare, tracking
+from rl_pipeline import store
 from rl_pipeline.validation import ConfigError
 
-VIEW_TAG = "mlflow.sharedViewState."
-EXPERIMENT_VIEW = "rl_pipeline-runs"
 DEFAULT_PORT = 5000
-# What the views chart, section by section: curves against env steps (system metrics against time).
-CHARTS = {
-    "eval": ["eval/return_mean", "eval/return_lower_bound"],
-    "train": [
-        "train/episode_return", "train/episode_length", "train/loss", "train/q_mean", "train/grad_norm", "train/lr",
-        "train/epsilon",
-    ],
-    "perf": ["perf/env_steps_per_sec"],
-    "system": ["system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"],
-}
-# Logged, but not charted: the UI would draw each of them, so the views list them as removed.
-NOT_CHARTED = [
-    "eval/return_std", "test/return_mean", "test/return_std", "test/return_lower_bound", "final/env_steps",
-    "final/policy_env_steps", "final/solved_env_steps", "final/wall_seconds", "system/disk_usage_megabytes",
-    "system/disk_usage_percentage", "system/disk_available_megabytes", "system/network_receive_megabytes",
-    "system/network_transmit_megabytes", "system/system_memory_usage_percentage",
-    *(f"{scope}/{name}" for scope in ("sweep", "best") for name in compare.SUMMARY_METRICS),  # a sweep parent's
-]
 # MLflow 3.17's server starts a job runner (8 consumer processes, 20+ s to its first answer, CPU while
 # idle) for features that these servers never use.
 SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-RESULT_COLUMNS = ["test/return_mean", "test/return_lower_bound", "final/solved_env_steps", "final/wall_seconds"]
+STOP_TIMEOUT_S = 10  # uvicorn waits for open connections to close
 
 
-def chart(metric: str, section: str, deleted: bool = False) -> dict:
-    x_axis = "time" if metric.startswith("system/") else "step"
-    return {
-        "uuid": f"chart-{metric}", "type": "LINE", "metricSectionId": f"section-{section}", "metricKey": metric,
-        "displayName": metric, "deleted": deleted, "isGenerated": True, "runsCountToCompare": 10,
-        "xAxisKey": x_axis, "useGlobalXaxisKey": x_axis == "step", "selectedXAxisMetricKey": "", "yAxisKey": "metric",
-        "yAxisExpressions": [], "scaleType": "linear", "xAxisScaleType": "linear", "range": {}, "lineSmoothness": 0,
-        "useGlobalLineSmoothing": True, "ignoreOutliers": False,
-    }
-
-
-def view_state(search_filter: str = "", group_by: list[tuple[str, str]] = (), columns: list[str] = ()) -> dict:
-    """The runs page's state: chart mode's charts and sections, the table's columns, filter and grouping.
-
-    `group_by` holds (mode, key) pairs, mode "param" or "tag"; runs grouped show one curve per
-    group, its mean, with a band from the group's min to its max.
-    """
-    charts = [chart(metric, section) for section, metrics in CHARTS.items() for metric in metrics]
-    charts += [chart(metric, metric.split("/")[0], deleted=True) for metric in NOT_CHARTED]
-    sections = [
-        {"uuid": f"section-{name}", "name": name, "display": True, "isReordered": False, "deleted": False,
-         "isGenerated": True}
-        for name in CHARTS
-    ]
-    return {
-        "searchFilter": search_filter, "orderByKey": "attributes.start_time", "orderByAsc": False, "startTime": "ALL",
-        "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
-        "selectedColumns": [f"metrics.`{key}`" for key in RESULT_COLUMNS] + [f"params.`{key}`" for key in columns],
-        "columnOrder": [], "columnWidths": {}, "runsHiddenMode": "SHOW_ALL",
-        "compareRunCharts": charts, "compareRunSections": sections, "isAccordionReordered": False,
-        "viewMaximized": False, "runListHidden": False, "hideEmptyCharts": True, "useGroupedValuesInCharts": True,
-        "groupBy": {
-            "aggregateFunction": "average",
-            "groupByKeys": [{"mode": mode, "groupByData": key} for mode, key in group_by],
-        } if group_by else None,
-        "groupsExpanded": {},
-        "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""},
-    }
-
-
-def save_view(client: mlflow.MlflowClient, experiment_id: str, key: str, name: str, state: dict) -> None:
-    """A view that the UI's Views menu lists and `?viewStateShareKey=<key>` opens; saved again, it is replaced."""
-    now = int(time.time() * 1000)
-    # Compressed as the UI compresses its own (an experiment tag holds at most 20,000 characters).
-    compressed = "deflate;" + base64.b64encode(zlib.compress(json.dumps(state).encode())).decode()
-    envelope = {"name": name, "createdAt": now, "updatedAt": now, "state": compressed}
-    client.set_experiment_tag(experiment_id, VIEW_TAG + key, json.dumps(envelope))
-
-
-def save_experiment_view(client: mlflow.MlflowClient, experiment_id: str) -> None:
-    # One curve per sweep (its runs' mean, with a band) and per single run: a sweep's parent has no curves of its own.
-    state = view_state(group_by=[("tag", tracking.GROUP_TAG)], columns=["env", "seed"])
-    save_view(client, experiment_id, EXPERIMENT_VIEW, "rl_pipeline: all runs", state)
-
-
-def sweep_view_key(sweep_id: str) -> str:
-    return f"sweep-{sweep_id}"
-
-
-def save_sweep_view(client: mlflow.MlflowClient, experiment_id: str, sweep_id: str, swept_keys: list[str]) -> None:
-    """The sweep's children, grouped by what the sweep varies besides the seed (all together if only the seed)."""
-    configuration_keys = [key for key in swept_keys if key != "seed"]
-    group_by = [("param", key) for key in configuration_keys] or [("tag", "sweep_id")]
-    state = view_state(f"tags.`mlflow.parentRunId` = '{sweep_id}'", group_by, [*configuration_keys, "seed"])
-    save_view(client, experiment_id, sweep_view_key(sweep_id), f"sweep {sweep_id[:8]}", state)
-
-
-def ui_address(uri: str, port: int = DEFAULT_PORT) -> str:
-    """Where the UI of `uri` is: the server itself, or the one `python -m rl_pipeline.ui` starts for a database."""
-    return uri.rstrip("/") if tracking.is_server(uri) else f"http://127.0.0.1:{port}"
-
-
-def runs_link(address: str, experiment_id: str, view: str) -> str:
-    return (
-        f"{address}/#/experiments/{experiment_id}/runs"
-        f"?workflowType=machine_learning&compareRunsMode=CHART&viewStateShareKey={quote(view)}"
-    )
-
-
-def run_link(address: str, experiment_id: str, run_id: str, path: str = "") -> str:
-    return f"{address}/#/experiments/{experiment_id}/runs/{run_id}{path}?workflowType=machine_learning"
-
-
-def comparison_link(address: str, experiment_id: str, sweep_id: str) -> str:
-    return run_link(address, experiment_id, sweep_id, "/artifacts/comparison/comparison.png")
-
-
-def where_to_look(uri: str, page: str) -> str:
-    """`page` on the tracking server, or on the UI that `python -m rl_pipeline.ui` starts for a database store."""
-    return page if tracking.is_server(uri) else f"{page} (once `python -m rl_pipeline.ui` serves it)"
+def local_address(port: int) -> str:
+    return f"http://127.0.0.1:{port}"
 
 
 def serve(uri: str, port: int) -> subprocess.Popen:
@@ -158,6 +39,18 @@ def serve(uri: str, port: int) -> subprocess.Popen:
     ]
     # Its workers form one process group, stopped as one.
     return subprocess.Popen(command, env={**os.environ, **SERVER_ENV}, start_new_session=True)
+
+
+def stop(server: subprocess.Popen) -> None:
+    """The server's whole process group: SIGTERM, and SIGKILL if it has not gone within STOP_TIMEOUT_S."""
+    if server.poll() is not None:
+        return
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
 
 
 def check_port_free(port: int) -> None:
@@ -186,27 +79,19 @@ def wait_until_up(address: str, server: subprocess.Popen, timeout_s: float = 60)
         if server.poll() is not None:
             raise SystemExit(f"ui: mlflow server exited with {server.returncode}")
         try:
-            urllib.request.urlopen(f"{address}/health", timeout=2)
-            return
+            with urllib.request.urlopen(f"{address}/health", timeout=2):
+                return
         except OSError:
             time.sleep(0.5)
     raise SystemExit(f"ui: mlflow server did not answer at {address} within {timeout_s:.0f} s")
 
 
-def pages(client: mlflow.MlflowClient, experiment_name: str, address: str, sweep_id: str | None) -> list[str]:
-    """What to open: the experiment's runs; or a sweep's runs and its comparison. Their views are saved (again) first."""
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        raise SystemExit(f"ui: no experiment {experiment_name!r} in {client.tracking_uri}; run one first")
-    if sweep_id is None:
-        save_experiment_view(client, experiment.experiment_id)
-        return [runs_link(address, experiment.experiment_id, EXPERIMENT_VIEW)]
-    parent = tracking.run_or_none(client, sweep_id)
-    if parent is None or not compare.is_sweep(parent):
-        raise SystemExit(f"ui: {sweep_id!r} is not a sweep id (the run id of a sweep's parent run)")
-    experiment_id = parent.info.experiment_id
-    save_sweep_view(client, experiment_id, sweep_id, json.loads(parent.data.tags[compare.SWEPT_KEYS_TAG]))
-    return [runs_link(address, experiment_id, sweep_view_key(sweep_id)), comparison_link(address, experiment_id, sweep_id)]
+def links(uri: str, args: argparse.Namespace) -> str:
+    """The pages to open, their views saved first: MLflow (and torch, through the project) imported only now."""
+    from rl_pipeline import tracking, views
+
+    address = views.ui_address(uri, args.port)
+    return "\n".join(views.pages(tracking.client(uri), args.experiment, address, args.sweep_id))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -215,18 +100,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experiment", default="rl_pipeline", help="the experiment (logger.experiment_name)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="where to serve a database store's UI")
     args = parser.parse_args(argv)
-    uri = tracking.tracking_uri()
+    uri = store.tracking_uri()
     try:
-        tracking.check_store(uri)
+        store.check_store(uri)
     except ConfigError as error:
         raise SystemExit(f"ui: {error}") from None
-    database = tracking.sqlite_path(uri)
+    database = store.sqlite_path(uri)
     if database is not None and not database.exists():
         raise SystemExit(f"ui: no MLflow store at {database} yet; train a run first (or set MLFLOW_TRACKING_URI)")
-    address = ui_address(uri, args.port)
-    links = "\n".join(pages(tracking.client(uri), args.experiment, address, args.sweep_id))
-    if tracking.is_server(uri):
-        print(f"Open {links}", flush=True)
+    if store.is_server(uri):
+        print(f"Open {links(uri, args)}", flush=True)
         return
     check_port_free(args.port)
     # A closed terminal, `timeout` or a service manager stop the server with this process, as Ctrl-C does.
@@ -234,15 +117,14 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signum, exit_on_signal)
     server = serve(uri, args.port)
     try:
-        wait_until_up(address, server)
-        print(f"MLflow UI on {uri}; open {links}\n(Ctrl-C stops it)", flush=True)
+        pages = links(uri, args)  # while the server starts
+        wait_until_up(local_address(args.port), server)
+        print(f"MLflow UI on {uri}; open {pages}\n(Ctrl-C stops it)", flush=True)
         server.wait()
     except KeyboardInterrupt:
         pass
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait()
+        stop(server)
 
 
 if __name__ == "__main__":

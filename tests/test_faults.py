@@ -63,6 +63,8 @@ def killed_run(tmp_path, tracking_uri):
         process.kill()
     (run,) = all_runs(tracking_uri)
     assert run.info.status == "RUNNING"
+    steps = sorted(m.step for m in mlflow.MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "train/epsilon"))
+    assert steps[:2] == [256, 512], "a checkpoint implies the metrics before it are stored"
     return run.info.run_id, tmp_path / "run" / "checkpoints" / LAST
 
 

@@ -157,6 +157,8 @@ def test_logger_skips_the_steps_its_run_already_holds(tracking_uri):
     logger = MLFlowLogger(tracking_uri=tracking_uri, run_id=run_id)
     for step in (512, 768):  # 512 is a replay of the killed run's last iteration
         logger.log_metrics({"train/loss": -1.0 if step == 512 else 0.768, "eval/return_mean": 9.0}, step=step)
+    assert len(client.get_metric_history(run_id, "train/loss")) == 2, "held back until flushed"
+    logger.flush()
     history = {(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")}
     assert history == {(256, 0.256), (512, 0.512), (768, 0.768)}
     assert [m.step for m in client.get_metric_history(run_id, "eval/return_mean")] == [512, 768]

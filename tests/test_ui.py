@@ -27,7 +27,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from conftest import TINY_RUN, all_runs, free_port, mlflow_server_process, run_module, start_module
-from rl_pipeline import ui
+from rl_pipeline import views
 
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "outputs" / "ui-screenshots"
 SWEEP = ("+experiment=dqn", "seed=0,1", "optimizer.lr=0.001,0.0003", *TINY_RUN)
@@ -160,7 +160,7 @@ def test_a_sweep_view_groups_its_children_and_charts_curves_only(swept_store):
     uri, sweep_id, children = swept_store
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment(children[0].info.experiment_id)
-    envelope = json.loads(experiment.tags[ui.VIEW_TAG + ui.sweep_view_key(sweep_id)])
+    envelope = json.loads(experiment.tags[views.VIEW_TAG + views.sweep_view_key(sweep_id)])
     state = json.loads(zlib.decompress(b64decode(envelope["state"].removeprefix("deflate;"))))
     assert state["searchFilter"] == f"tags.`mlflow.parentRunId` = '{sweep_id}'"
     assert state["groupBy"]["groupByKeys"] == [{"mode": "param", "groupByData": "optimizer.lr"}]
