@@ -4,7 +4,6 @@ tests and the scale-out benchmark: PostgreSQL, an MLflow server on a database, a
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,15 +13,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from rl_pipeline import ui
+from rl_pipeline.ui import SERVER_ENV, free_port, stop
 
+STOP_TIMEOUT_S = 60  # a service may take its time to shut down cleanly
 POSTGRES_BIN = Path("/usr/lib/postgresql")  # Debian's postgresql: <version>/bin/initdb, postgres, pg_isready
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(ready: Callable[[], bool], process: subprocess.Popen, what: str, timeout_s: float = 120) -> None:
@@ -31,18 +25,6 @@ def wait_for(ready: Callable[[], bool], process: subprocess.Popen, what: str, ti
         if process.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"{what} did not start (exit code {process.poll()})")
         time.sleep(0.25)
-
-
-def stop(process: subprocess.Popen, signum: int = signal.SIGTERM, timeout_s: float = 60) -> None:
-    """Signals the process's whole group (it was started in a session of its own) and waits for it."""
-    try:
-        os.killpg(process.pid, signum)
-        process.wait(timeout=timeout_s)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 @contextmanager
@@ -70,7 +52,7 @@ def postgres(port: int | None = None) -> Iterator[str]:
         wait_for(lambda: subprocess.run(ready).returncode == 0, server, "PostgreSQL")
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
     finally:
-        stop(server, signal.SIGINT)  # PostgreSQL's fast shutdown: it does not wait for clients to leave
+        stop(server, signal.SIGINT, STOP_TIMEOUT_S)  # PostgreSQL's fast shutdown: it does not wait for clients to leave
         shutil.rmtree(home, ignore_errors=True)
 
 
@@ -89,7 +71,7 @@ def mlflow_server(backend_uri: str, artifacts: Path, port: int | None = None, wo
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--workers", str(workers), "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts)],
-        cwd=artifacts.parent, env={**os.environ, **ui.SERVER_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=artifacts.parent, env={**os.environ, **SERVER_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -97,7 +79,7 @@ def mlflow_server(backend_uri: str, artifacts: Path, port: int | None = None, wo
         wait_for(lambda: answers(url + "/health"), server, "mlflow server")
         yield url
     finally:
-        stop(server)  # the server and its workers
+        stop(server, timeout_s=STOP_TIMEOUT_S)  # the server and its workers
 
 
 @contextmanager
@@ -116,4 +98,4 @@ def ray_head(num_cpus: int = 2, port: int | None = None) -> Iterator[str]:
         wait_for(lambda: subprocess.run(status, capture_output=True).returncode == 0, head, "Ray head")
         yield address
     finally:
-        stop(head)
+        stop(head, timeout_s=STOP_TIMEOUT_S)

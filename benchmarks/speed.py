@@ -26,6 +26,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from benchmarks import services
+from rl_pipeline import ui as ui_command
 
 SYSTEMS = {  # name -> command line; {seed} and {out} are filled in per run
     "A dqn": "-m rl_pipeline +experiment=dqn seed={seed} hydra.run.dir={out}/run",
@@ -104,7 +105,7 @@ def store_creation_s(out: Path) -> dict:
 def ui_start_s(uri: str) -> float:
     """Seconds from starting `python -m rl_pipeline.ui` on the store to its printed link answering."""
     started = time.time()
-    ui = subprocess.Popen([sys.executable, "-m", "rl_pipeline.ui", "--port", str(services.free_port())],
+    ui = subprocess.Popen([sys.executable, "-m", "rl_pipeline.ui", "--port", str(ui_command.free_port())],
                           env={**os.environ, "MLFLOW_TRACKING_URI": uri}, stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
@@ -112,7 +113,7 @@ def ui_start_s(uri: str) -> float:
         services.wait_for(lambda: services.answers(link), ui, "the UI's link")
         return time.time() - started
     finally:
-        services.stop(ui, signal.SIGINT)
+        ui_command.stop(ui, signal.SIGINT, services.STOP_TIMEOUT_S)
 
 
 def table(rows: list[dict]) -> str:

@@ -41,16 +41,17 @@ def serve(uri: str, port: int) -> subprocess.Popen:
     return subprocess.Popen(command, env={**os.environ, **SERVER_ENV}, start_new_session=True)
 
 
-def stop(server: subprocess.Popen) -> None:
-    """The server's whole process group: SIGTERM, and SIGKILL if it has not gone within STOP_TIMEOUT_S."""
-    if server.poll() is not None:
-        return
-    os.killpg(server.pid, signal.SIGTERM)
+def stop(process: subprocess.Popen, signum: int = signal.SIGTERM, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """The process's whole group (it was started in a session of its own): `signum`, then SIGKILL if it has
+    not gone within `timeout_s`. Whatever of the group is left when its leader has exited goes too."""
     try:
-        server.wait(timeout=STOP_TIMEOUT_S)
+        os.killpg(process.pid, signum)
+        process.wait(timeout=timeout_s)
+    except ProcessLookupError:
+        pass
     except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def check_port_free(port: int) -> None:

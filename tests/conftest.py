@@ -12,9 +12,9 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from benchmarks import services
-from benchmarks.services import free_port
 from rl_pipeline.config import CONF_DIR
 from rl_pipeline.tracking import search_runs
+from rl_pipeline.ui import free_port
 
 # A budget small enough for seconds, large enough to update and evaluate.
 TINY_RUN = (
