@@ -29,14 +29,14 @@ def evaluate(policy: nn.Module, env: VectorEnv, seed: int, max_episode_steps: in
     observations, _ = env.reset(seed=seed)
     returns = np.zeros(env.num_envs)
     done = np.zeros(env.num_envs, dtype=bool)
-    steps = 0
+    steps, device = 0, next(policy.parameters()).device
     while not done.all():
         if steps == max_episode_steps:
             log.warning("Evaluation cut %d of %d episodes still running after %d steps "
                         "(trainer.eval_max_episode_steps); their returns count up to there",
                         np.count_nonzero(~done), env.num_envs, steps)
             break
-        observations, rewards, terminated, truncated, _ = env.step(greedy_actions(policy, observations))
+        observations, rewards, terminated, truncated, _ = env.step(greedy_actions(policy, observations, device))
         returns += np.where(done, 0.0, rewards)
         done |= terminated | truncated
         steps += 1
@@ -166,10 +166,11 @@ def record_gif(
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame draws off-screen; no display here
     observations, _ = env.reset(seed=seed)
     frames, step, episode_return, done = [], 0, 0.0, False
+    device = next(policy.parameters()).device
     while not done and len(frames) < max_frames:
         if step % every == 0:
             frames.append(captioned(env.render()[0], step, episode_return))
-        observations, rewards, terminated, truncated, _ = env.step(greedy_actions(policy, observations))
+        observations, rewards, terminated, truncated, _ = env.step(greedy_actions(policy, observations, device))
         step, episode_return, done = step + 1, episode_return + float(rewards[0]), bool(terminated[0] or truncated[0])
     frames.append(captioned(env.render()[0], step, episode_return))
     # One palette, the first frame's (caption included), for every frame: 10x faster than one each.
