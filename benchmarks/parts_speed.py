@@ -14,14 +14,14 @@ import time
 import numpy as np
 import torch
 
-from rl_pipeline.buffers import (
+from rl_pipeline.agents.networks import MLP
+from rl_pipeline.data.buffers import (
     PrioritizedReplayBuffer,
     Transitions,
     UniformReplayBuffer,
 )
-from rl_pipeline.collectors import Collector
-from rl_pipeline.envs import make_vector_env
-from rl_pipeline.networks import MLP
+from rl_pipeline.data.collector import Collector
+from rl_pipeline.envs.make import make_vector_env
 
 CAPACITY, BATCH_SIZE, NUM_ENVS = 1_000_000, 256, 4
 

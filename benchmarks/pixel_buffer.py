@@ -13,10 +13,10 @@ import time
 import numpy as np
 from torch import nn
 
-from rl_pipeline.buffers import UniformReplayBuffer
-from rl_pipeline.collectors import Collector
-from rl_pipeline.envs import make_vector_env, sub_env_wrappers, wrap_for_training
-from rl_pipeline.transforms import AtariPreprocessing
+from rl_pipeline.data.buffers import UniformReplayBuffer
+from rl_pipeline.data.collector import Collector
+from rl_pipeline.envs.make import make_vector_env, sub_env_wrappers, wrap_for_training
+from rl_pipeline.envs.transforms import AtariPreprocessing
 
 
 def main() -> None:

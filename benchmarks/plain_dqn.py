@@ -4,7 +4,7 @@
 
 The floor under the pipeline: the same hyperparameters (conf/experiment/dqn.yaml, which
 tests/test_benchmarks.py keeps in step with ARGS), the same vector env, the same evaluations and
-stop rule (rl_pipeline.evaluation's, on the same seeds) and the same held-out test. What it leaves
+stop rule (rl_pipeline.agents.evaluation's, on the same seeds) and the same held-out test. What it leaves
 out is what the pipeline adds: config composition, checkpoints, metrics, the exported model, plots.
 """
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rl_pipeline.evaluation import Evaluator, Score, score_policy
+from rl_pipeline.agents.evaluation import Evaluator, Score, score_policy
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
     python -m benchmarks.sb3_dqn --seed 0 [--result result.json]     (pip install -e '.[bench]')
 
 Stopped by the pipeline's rule: every 2,500 env steps a greedy evaluation on the seeds that
-experiment=dqn evaluates on, confirmed on 100 more once it passes (rl_pipeline.evaluation, the same
+experiment=dqn evaluates on, confirmed on 100 more once it passes (rl_pipeline.agents.evaluation, the same
 code), within the same budget of 100,000 env steps; then the same 100-episode held-out test.
 """
 
@@ -16,7 +16,7 @@ from stable_baselines3 import DQN
 from stable_baselines3.common.callbacks import BaseCallback
 
 from benchmarks.plain_dqn import ARGS, make_env
-from rl_pipeline.evaluation import Evaluator, Score, score_policy
+from rl_pipeline.agents.evaluation import Evaluator, Score, score_policy
 
 ZOO_HYPERPARAMETERS = {  # rl-baselines3-zoo, hyperparams/dqn.yml, CartPole-v1
     "learning_rate": 2.3e-3,

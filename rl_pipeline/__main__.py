@@ -6,8 +6,8 @@ import warnings
 import hydra
 from omegaconf import DictConfig
 
-from rl_pipeline import jobs
-from rl_pipeline.train import train
+from rl_pipeline.run import jobs
+from rl_pipeline.run.train import train
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -16,10 +16,11 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from rl_pipeline import store
-from rl_pipeline.evaluation import Score, record_gif, score_policy
-from rl_pipeline.parts import build_env, build_transforms, eval_env_maker
-from rl_pipeline.validation import ConfigError, non_negative_int, positive_int
+from rl_pipeline.agents.evaluation import Score, record_gif, score_policy
+from rl_pipeline.errors import ConfigError
+from rl_pipeline.run.build import build_env, build_transforms, eval_env_maker
+from rl_pipeline.tracking import store
+from rl_pipeline.validation import non_negative_int, positive_int
 
 
 def run_config(client: mlflow.MlflowClient, run_id: str) -> DictConfig:

@@ -17,18 +17,14 @@ import sys
 import time
 import urllib.request
 
-from rl_pipeline import store
-from rl_pipeline.validation import ConfigError
+from rl_pipeline.errors import ConfigError
+from rl_pipeline.tracking import store
+from rl_pipeline.tracking.store import DEFAULT_PORT, local_address
 
-DEFAULT_PORT = 5000
 # MLflow 3.17's server starts a job runner (8 consumer processes, 20+ s to its first answer, CPU while
 # idle) for features that these servers never use.
 SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 STOP_TIMEOUT_S = 10  # uvicorn waits for open connections to close
-
-
-def local_address(port: int) -> str:
-    return f"http://127.0.0.1:{port}"
 
 
 def serve(uri: str, port: int) -> subprocess.Popen:
@@ -89,10 +85,10 @@ def wait_until_up(address: str, server: subprocess.Popen, timeout_s: float = 60)
 
 def links(uri: str, args: argparse.Namespace) -> str:
     """The pages to open, their views saved first: MLflow (and torch, through the project) imported only now."""
-    from rl_pipeline import tracking, views
+    from rl_pipeline.tracking import mlflow_runs, views
 
     address = views.ui_address(uri, args.port)
-    return "\n".join(views.pages(tracking.client(uri), args.experiment, address, args.sweep_id))
+    return "\n".join(views.pages(mlflow_runs.client(uri), args.experiment, address, args.sweep_id))
 
 
 def main(argv: list[str] | None = None) -> None:

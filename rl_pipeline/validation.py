@@ -2,17 +2,7 @@
 
 from numbers import Integral, Real
 
-
-class ConfigError(ValueError):
-    """A user's config mistake: reported as one line, before any training starts."""
-
-    def __init__(self, key: str, problem: str):
-        self.key, self.problem = key, problem
-        super().__init__(f"{key}: {problem}")
-
-    def within(self, group: str) -> "ConfigError":
-        """The same error, keyed from the config root (`capacity` -> `buffer.capacity`)."""
-        return ConfigError(f"{group}.{self.key}", self.problem)
+from rl_pipeline.errors import ConfigError
 
 
 def expected(key: str, what: str, got: object) -> ConfigError:

@@ -12,8 +12,8 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from benchmarks import services
-from rl_pipeline.config import CONF_DIR
-from rl_pipeline.tracking import search_runs
+from rl_pipeline.run.config import CONF_DIR
+from rl_pipeline.tracking.mlflow_runs import search_runs
 from rl_pipeline.ui import free_port
 
 # A budget small enough for seconds, large enough to update and evaluate.
@@ -41,7 +41,7 @@ def tracking_uri(tmp_path) -> str:
 def train_here(tmp_path, monkeypatch):
     """train(cfg) in this process, as `python -m rl_pipeline OVERRIDES` runs it but for Hydra's job
     bookkeeping (run name and group options), and without a second interpreter's start-up."""
-    from rl_pipeline.train import train
+    from rl_pipeline.run.train import train
 
     def run(*overrides: str, tracking_uri: str, output_dir: Path | None = None) -> float:
         output_dir = output_dir or tmp_path / "run"

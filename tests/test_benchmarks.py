@@ -7,7 +7,7 @@ from conftest import compose_config
 from omegaconf import OmegaConf
 
 from benchmarks import plain_dqn, speed
-from rl_pipeline.parts import solved_return
+from rl_pipeline.run.build import solved_return
 
 # plain_dqn.Args field -> the key of the composed config that it mirrors
 CONFIG_KEYS = {

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from rl_pipeline.buffers import PrioritizedReplayBuffer, SumTree, Transitions, UniformReplayBuffer
-from rl_pipeline.validation import ConfigError
+from rl_pipeline.data.buffers import PrioritizedReplayBuffer, SumTree, Transitions, UniformReplayBuffer
+from rl_pipeline.errors import ConfigError
 
 
 def add_numbered(buffer: UniformReplayBuffer, numbers) -> None:

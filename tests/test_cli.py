@@ -10,14 +10,14 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_RUN, all_runs, compose_config, greedy_episode_return, run_cli, run_module, start_cli
 from PIL import Image, ImageSequence
 
-from conftest import TINY_RUN, all_runs, compose_config, greedy_episode_return, run_cli, run_module, start_cli
 from rl_pipeline import evaluate
-from rl_pipeline.evaluation import Score
-from rl_pipeline.train import train
-from rl_pipeline.transforms import ObservationNormalizer
-from rl_pipeline.validation import ConfigError
+from rl_pipeline.agents.evaluation import Score
+from rl_pipeline.envs.transforms import ObservationNormalizer
+from rl_pipeline.errors import ConfigError
+from rl_pipeline.run.train import train
 
 METRICS = {
     "train/episode_return", "train/episode_length", "train/loss", "train/q_mean", "train/grad_norm", "train/lr",

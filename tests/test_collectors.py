@@ -3,12 +3,12 @@ import numpy as np
 import pytest
 import torch
 
-from rl_pipeline.buffers import UniformReplayBuffer
-from rl_pipeline.collectors import Collector, NStepReturns
-from rl_pipeline.envs import make_vector_env, wrap_for_training
-from rl_pipeline.networks import MLP
-from rl_pipeline.schedule import linear_schedule
-from rl_pipeline.validation import ConfigError
+from rl_pipeline.agents.networks import MLP
+from rl_pipeline.data.buffers import UniformReplayBuffer
+from rl_pipeline.data.collector import Collector, NStepReturns
+from rl_pipeline.data.schedule import linear_schedule
+from rl_pipeline.envs.make import make_vector_env, wrap_for_training
+from rl_pipeline.errors import ConfigError
 
 
 def make_collector(num_envs=2, max_episode_steps=None, **kwargs) -> Collector:

@@ -7,7 +7,9 @@ import pytest
 from mlflow.entities import Metric, Param
 from scipy import stats
 
-from rl_pipeline.compare import (
+from rl_pipeline.compare import main as compare_main
+from rl_pipeline.run.sweeps import swept_keys
+from rl_pipeline.tracking.comparison import (
     RESULT_METRIC,
     SUMMARY_METRICS,
     SWEPT_KEYS_TAG,
@@ -19,8 +21,6 @@ from rl_pipeline.compare import (
     on_grid,
     write_report,
 )
-from rl_pipeline.compare import main as compare_main
-from rl_pipeline.sweeps import swept_keys
 
 
 def test_interquartile_mean_drops_the_outer_quarters():

@@ -2,16 +2,16 @@
 
 import pytest
 import torch
+from conftest import CONF_DIR, compose_config
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 
-from conftest import CONF_DIR, compose_config
-from rl_pipeline.checkpoints import ResumableCheckpoint
-from rl_pipeline.config import GROUPS, check_settings
-from rl_pipeline.module import DQNModule
-from rl_pipeline.parts import build_module
-from rl_pipeline.tracking import flatten
-from rl_pipeline.train import build_callbacks
+from rl_pipeline.agents.dqn.agent import DQNModule
+from rl_pipeline.run.build import build_module
+from rl_pipeline.run.checkpoints import ResumableCheckpoint
+from rl_pipeline.run.config import GROUPS, check_settings
+from rl_pipeline.run.train import build_callbacks
+from rl_pipeline.tracking.mlflow_runs import flatten
 
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))]
 # Options for pixels compose with the Atari preset; every other one with the CartPole one.

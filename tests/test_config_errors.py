@@ -7,14 +7,14 @@ test_cli.py checks, in subprocesses, that such an error reaches the user as one 
 import gymnasium as gym
 import mlflow
 import pytest
+from conftest import all_runs, compose_config
 from hydra.errors import HydraException
 from torch import nn
 
-from conftest import all_runs, compose_config
-from rl_pipeline.checkpoints import CHECKPOINT_TAG, AtomicCheckpointIO
-from rl_pipeline.parts import check_network_fits
-from rl_pipeline.train import train
-from rl_pipeline.validation import ConfigError
+from rl_pipeline.errors import ConfigError
+from rl_pipeline.run.build import check_network_fits
+from rl_pipeline.run.checkpoints import CHECKPOINT_TAG, AtomicCheckpointIO
+from rl_pipeline.run.train import train
 
 TINY = ("+experiment=dqn", "trainer.max_env_steps=1024", "collector.learning_starts=256")
 

@@ -4,15 +4,22 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from conftest import greedy_episode_return
 from PIL import Image, ImageSequence
 from torch import nn
 
-from conftest import greedy_episode_return
-from rl_pipeline.envs import make_vector_env
-from rl_pipeline.evaluation import (
-    Evaluator, Score, captioned, evaluate, mean_lower_bound, play_episodes, record_gif, score_policy,
+from rl_pipeline.agents.evaluation import (
+    Evaluator,
+    Score,
+    captioned,
+    evaluate,
+    mean_lower_bound,
+    play_episodes,
+    record_gif,
+    score_policy,
 )
-from rl_pipeline.networks import MLP
+from rl_pipeline.agents.networks import MLP
+from rl_pipeline.envs.make import make_vector_env
 
 
 class PoleBalancer(nn.Module):

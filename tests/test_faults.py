@@ -16,7 +16,6 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-
 from conftest import (
     TINY_RUN,
     all_runs,
@@ -28,7 +27,8 @@ from conftest import (
     start_cli,
     start_module,
 )
-from rl_pipeline.checkpoints import LAST, AtomicCheckpointIO, RunLock, read_checkpoint
+
+from rl_pipeline.run.checkpoints import LAST, AtomicCheckpointIO, RunLock, read_checkpoint
 
 pytestmark = pytest.mark.slow  # each runs the CLI into a fault: a kill, a lost server, a full disk, a damaged store
 

@@ -2,10 +2,10 @@
 
 import mlflow
 import pytest
-
 from conftest import all_runs, run_cli
-from rl_pipeline.envs import make_vector_env
-from rl_pipeline.evaluation import evaluate
+
+from rl_pipeline.agents.evaluation import evaluate
+from rl_pipeline.envs.make import make_vector_env
 
 FRESH_SEED = 987_654  # no run ever resets an env with these seeds
 

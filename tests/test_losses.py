@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from rl_pipeline.buffers import Batch
-from rl_pipeline.losses import DQNLoss
+from rl_pipeline.agents.dqn.loss import DQNLoss
+from rl_pipeline.data.buffers import Batch
 
 
 def linear(weight) -> nn.Linear:

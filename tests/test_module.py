@@ -14,18 +14,18 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import compose_config
 from pytorch_lightning.loggers import CSVLogger
 from torch.func import functional_call
 
-from conftest import compose_config
-from rl_pipeline.checkpoints import AtomicCheckpointIO, read_checkpoint
-from rl_pipeline.export import export_best
-from rl_pipeline.envs import layers, make_vector_env
-from rl_pipeline.evaluation import Score
-from rl_pipeline.config import check_settings
-from rl_pipeline.parts import build_module
-from rl_pipeline.train import build_callbacks, build_trainer, fit
-from rl_pipeline.transforms import ObservationStatistics
+from rl_pipeline.agents.evaluation import Score
+from rl_pipeline.envs.make import layers, make_vector_env
+from rl_pipeline.envs.transforms import ObservationStatistics
+from rl_pipeline.run.build import build_module
+from rl_pipeline.run.checkpoints import AtomicCheckpointIO, read_checkpoint
+from rl_pipeline.run.config import check_settings
+from rl_pipeline.run.export import export_best
+from rl_pipeline.run.train import build_callbacks, build_trainer, fit
 
 # 8 iterations of 128 env steps (4 envs x 32); updates (3 per iteration) start once 256 steps are collected.
 SMALL = (

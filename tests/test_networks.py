@@ -3,8 +3,8 @@ import copy
 import pytest
 import torch
 
-from rl_pipeline.networks import MLP, NatureCNN, update_target
-from rl_pipeline.validation import ConfigError
+from rl_pipeline.agents.networks import MLP, NatureCNN, update_target
+from rl_pipeline.errors import ConfigError
 
 
 @pytest.mark.parametrize("batch_size", [1, 5])

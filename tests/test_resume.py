@@ -7,19 +7,19 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-
 from conftest import all_runs, start_cli
-from rl_pipeline.checkpoints import (
+
+from rl_pipeline.envs.make import env_state, make_vector_env, restore_env_state, sub_env_wrappers, wrap_for_training
+from rl_pipeline.envs.transforms import ClipReward, FrameStack, NormalizeObservation
+from rl_pipeline.errors import ConfigError
+from rl_pipeline.run.checkpoints import (
     TRAILER_BYTES,
     AtomicCheckpointIO,
     CorruptCheckpoint,
     check_same_config,
     verify_checksum,
 )
-from rl_pipeline.envs import env_state, make_vector_env, restore_env_state, sub_env_wrappers, wrap_for_training
-from rl_pipeline.tracking import MLFlowLogger
-from rl_pipeline.transforms import ClipReward, FrameStack, NormalizeObservation
-from rl_pipeline.validation import ConfigError
+from rl_pipeline.tracking.mlflow_runs import MLFlowLogger
 
 # Half the budget is 5,120 env steps; checkpoints and evaluations every 1,280, 5 whole iterations.
 RUN = (

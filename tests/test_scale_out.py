@@ -12,9 +12,9 @@ import itertools
 import mlflow
 import pytest
 import torch
+from conftest import TINY_RUN, all_runs, run_module
 
 from benchmarks import services
-from conftest import TINY_RUN, all_runs, run_module
 
 SWEEP = ("+experiment=dqn", "seed=0,1", "optimizer.lr=0.001,0.0003", *TINY_RUN, "trainer.test_episodes=5")
 COMPARISON = {f"comparison/{name}" for name in ("comparison.md", "configurations.csv", "runs.csv", "comparison.png")}

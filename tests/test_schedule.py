@@ -2,7 +2,7 @@
 
 import pytest
 
-from rl_pipeline.schedule import Schedule
+from rl_pipeline.data.schedule import Schedule
 
 
 def iteration_ends(schedule: Schedule) -> list[int]:

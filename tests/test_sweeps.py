@@ -12,9 +12,9 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+from conftest import TINY_RUN, all_runs, read_until, run_module, start_module
 from scipy import stats
 
-from conftest import TINY_RUN, all_runs, read_until, run_module, start_module
 from rl_pipeline import compare
 
 pytestmark = pytest.mark.slow  # each runs a sweep of CLI jobs

@@ -9,11 +9,11 @@ from contextlib import nullcontext
 import mlflow
 import pytest
 import torch
+from conftest import all_runs, compose_config
 from mlflow.entities import LoggedModelStatus
 
-from conftest import all_runs, compose_config
-from rl_pipeline import tracking
-from rl_pipeline.checkpoints import SigtermExits
+from rl_pipeline.run.checkpoints import SigtermExits
+from rl_pipeline.tracking import mlflow_runs
 
 
 @pytest.fixture
@@ -24,21 +24,21 @@ def store(tracking_uri, monkeypatch):
 
 def test_flatten_gives_the_keys_a_user_overrides():
     nested = {"optimizer": {"lr": 0.1, "betas": [0.9, 0.99]}, "seed": 0, "transforms": {}}
-    assert tracking.flatten(nested) == {"optimizer.lr": 0.1, "optimizer.betas": [0.9, 0.99], "seed": 0, "transforms": {}}
+    assert mlflow_runs.flatten(nested) == {"optimizer.lr": 0.1, "optimizer.betas": [0.9, 0.99], "seed": 0, "transforms": {}}
 
 
 def test_run_name_is_the_env_the_overrides_the_seed_and_a_random_part():
     cfg = compose_config("+experiment=dqn", "optimizer.lr=0.001", "seed=1")
     overrides = ["+experiment=dqn", "seed=1", "optimizer.lr=0.001"]
-    first, second = tracking.run_name(cfg, overrides), tracking.run_name(cfg, overrides)
+    first, second = mlflow_runs.run_name(cfg, overrides), mlflow_runs.run_name(cfg, overrides)
     assert re.fullmatch(r"CartPole-v1 experiment=dqn optimizer\.lr=0\.001 seed=1 [0-9a-f]{6}", first)
     assert first != second, "repeats of one command tell apart"
-    assert re.fullmatch(r"CartPole-v1 seed=0 [0-9a-f]{6}", tracking.run_name(compose_config(), []))
+    assert re.fullmatch(r"CartPole-v1 seed=0 [0-9a-f]{6}", mlflow_runs.run_name(compose_config(), []))
 
 
 def test_params_are_the_settings_under_the_keys_one_overrides(store):
     cfg = compose_config("+experiment=dqn", "paths.output_dir=somewhere", "buffer=prioritized")
-    params = tracking.params(cfg)
+    params = mlflow_runs.params(cfg)
     assert params["optimizer.lr"] == "0.0023" and params["seed"] == "0" and params["buffer.alpha"] == "0.6"
     assert not [key for key in params if "_target_" in key or "_partial_" in key]
     # Copies of another key (collector.seed: ${seed}), where a job writes, how it is watched: none.
@@ -47,13 +47,13 @@ def test_params_are_the_settings_under_the_keys_one_overrides(store):
         assert key not in params
     # A value set in place of the copy is a setting again; the whole config is still there for resume.
     overridden = compose_config("+experiment=dqn", "paths.output_dir=x", "buffer=prioritized", "buffer.beta_steps=5000")
-    assert tracking.params(overridden)["buffer.beta_steps"] == "5000"
-    assert tracking.resolved_config(cfg)["collector.seed"] == "0"
+    assert mlflow_runs.params(overridden)["buffer.beta_steps"] == "5000"
+    assert mlflow_runs.resolved_config(cfg)["collector.seed"] == "0"
 
 
 def test_sqlite_artifacts_live_beside_the_database(tmp_path):
-    assert tracking.artifact_location(f"sqlite:///{tmp_path}/mlflow.db") == (tmp_path / "mlartifacts").as_uri()
-    assert tracking.artifact_location("http://127.0.0.1:5000") is None
+    assert mlflow_runs.artifact_location(f"sqlite:///{tmp_path}/mlflow.db") == (tmp_path / "mlartifacts").as_uri()
+    assert mlflow_runs.artifact_location("http://127.0.0.1:5000") is None
 
 
 @pytest.mark.parametrize(
@@ -62,7 +62,7 @@ def test_sqlite_artifacts_live_beside_the_database(tmp_path):
 def test_run_ends_with_the_status_of_how_its_block_ended(store, error, status):
     cfg = compose_config("+experiment=dqn", "paths.output_dir=unused")
     with pytest.raises(type(error)) if error else nullcontext():
-        with tracking.mlflow_run(cfg):
+        with mlflow_runs.mlflow_run(cfg):
             if error:
                 raise error
     (run,) = all_runs(store)
@@ -70,11 +70,10 @@ def test_run_ends_with_the_status_of_how_its_block_ended(store, error, status):
     assert mlflow.active_run() is None
 
 
-
 def test_sigterm_from_the_run_start_on_ends_the_run_killed(store):
     cfg = compose_config("+experiment=dqn", "paths.output_dir=unused")
     with pytest.raises(SystemExit) as exited:
-        with SigtermExits(), tracking.mlflow_run(cfg):
+        with SigtermExits(), mlflow_runs.mlflow_run(cfg):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # never reached: the handler raises at once
     assert exited.value.code == 128 + signal.SIGTERM
@@ -106,7 +105,7 @@ def test_sigterm_during_lightning_fit_waits_for_fit_to_return():
 def test_a_failed_run_keeps_the_error_line_as_a_tag(store):
     cfg = compose_config("+experiment=dqn", "paths.output_dir=unused")
     with pytest.raises(RuntimeError):
-        with tracking.mlflow_run(cfg):
+        with mlflow_runs.mlflow_run(cfg):
             raise RuntimeError("boom\nsecond line")
     (run,) = all_runs(store)
     assert run.info.status == "FAILED" and run.data.tags["error"] == "RuntimeError: boom"
@@ -116,7 +115,7 @@ def test_a_signal_during_the_creation_of_a_fresh_store_waits_until_it_is_created
     received = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
     try:
-        with tracking.store_lock(tracking_uri):
+        with mlflow_runs.store_lock(tracking_uri):
             mlflow.MlflowClient(tracking_uri).search_experiments()  # creates the tables
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.1)
@@ -132,7 +131,7 @@ def test_a_resumed_export_keeps_the_one_finished_policy_and_replaces_an_unfinish
     with mlflow.start_run() as run:
         experiment_id, run_id = run.info.experiment_id, run.info.run_id
         client.create_logged_model(experiment_id, source_run_id=run_id, name="model")  # killed while uploading
-        model_id = tracking.log_policy(torch.nn.Linear(4, 2), step=512)
-        assert tracking.log_policy(torch.nn.Linear(4, 2), step=512) == model_id  # killed after it was logged
+        model_id = mlflow_runs.log_policy(torch.nn.Linear(4, 2), step=512)
+        assert mlflow_runs.log_policy(torch.nn.Linear(4, 2), step=512) == model_id  # killed after it was logged
     models = client.search_logged_models([experiment_id])
     assert [(model.model_id, model.status) for model in models] == [(model_id, LoggedModelStatus.READY)]

@@ -3,9 +3,9 @@ import pytest
 import torch
 from gymnasium.wrappers import vector as vector_wrappers
 
-from rl_pipeline.envs import make_vector_env, sub_env_wrappers, wrap_for_training
-from rl_pipeline.transforms import AtariPreprocessing, ClipReward, FrameStack, NormalizeObservation, policy_input
-from rl_pipeline.validation import ConfigError
+from rl_pipeline.envs.make import make_vector_env, sub_env_wrappers, wrap_for_training
+from rl_pipeline.envs.transforms import AtariPreprocessing, ClipReward, FrameStack, NormalizeObservation, policy_input
+from rl_pipeline.errors import ConfigError
 
 
 def make_env(id="CartPole-v1", transforms=(), num_envs=2, **kwargs):

@@ -20,14 +20,14 @@ from pathlib import Path
 import mlflow
 import psutil
 import pytest
+from conftest import TINY_RUN, all_runs, free_port, mlflow_server_process, run_module, start_module
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from conftest import TINY_RUN, all_runs, free_port, mlflow_server_process, run_module, start_module
-from rl_pipeline import views
+from rl_pipeline.tracking import views
 
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "outputs" / "ui-screenshots"
 SWEEP = ("+experiment=dqn", "seed=0,1", "optimizer.lr=0.001,0.0003", *TINY_RUN)

@@ -7,18 +7,19 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from rl_pipeline.config import build
-from rl_pipeline.envs import (
+from rl_pipeline.agents.dqn.agent import DQNModule
+from rl_pipeline.agents.evaluation import Evaluator
+from rl_pipeline.data.schedule import Schedule
+from rl_pipeline.envs.make import (
     registered_spec,
     require_array_observations,
     require_discrete_actions,
     sub_env_wrappers,
     wrap_for_training,
 )
-from rl_pipeline.evaluation import Evaluator
-from rl_pipeline.module import DQNModule
-from rl_pipeline.schedule import Schedule
-from rl_pipeline.validation import ConfigError, expected, positive_number
+from rl_pipeline.errors import ConfigError
+from rl_pipeline.run.config import build
+from rl_pipeline.validation import expected, positive_number
 
 
 def build_transforms(cfg: DictConfig) -> list:

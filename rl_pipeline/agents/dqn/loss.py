@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rl_pipeline.buffers import Batch
+from rl_pipeline.data.buffers import Batch
 from rl_pipeline.validation import boolean, one_of, probability
 
 ELEMENTWISE_LOSSES = {"huber": F.smooth_l1_loss, "mse": F.mse_loss}  # called with reduction="none"

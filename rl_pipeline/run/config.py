@@ -14,8 +14,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from rl_pipeline.errors import ConfigError
 from rl_pipeline.validation import (
-    ConfigError,
     boolean,
     expected,
     non_negative_int,
@@ -26,7 +26,7 @@ from rl_pipeline.validation import (
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = (
     "env", "transforms", "network", "loss", "buffer", "optimizer", "collector", "callbacks", "trainer", "logger",
 )

@@ -16,9 +16,9 @@ from hydra.experimental.callback import Callback
 from mlflow.entities import Metric, Param, RunStatus
 from omegaconf import DictConfig, OmegaConf
 
-from rl_pipeline import compare, store, tracking, views
-from rl_pipeline.jobs import exit_on, mark_sweep_interrupted, sweep_interrupted
-from rl_pipeline.validation import ConfigError
+from rl_pipeline.errors import ConfigError
+from rl_pipeline.run.jobs import exit_on, mark_sweep_interrupted, sweep_interrupted
+from rl_pipeline.tracking import comparison, mlflow_runs, store, views
 
 log = logging.getLogger(__name__)
 
@@ -49,24 +49,24 @@ class MLflowSweep(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         uri = store.tracking_uri()
         check_launcher(config, uri)
-        client = tracking.client(uri)
+        client = mlflow_runs.client(uri)
         overrides = list(config.hydra.overrides.task)
         keys = swept_keys(overrides, OmegaConf.select(config, "hydra.sweeper.params"))
-        swept = [o for o in overrides if tracking.override_key(o) in keys]  # empty for a sweeper's search space
-        experiment_id = tracking.experiment_id(config.logger.experiment_name, uri)
+        swept = [o for o in overrides if mlflow_runs.override_key(o) in keys]  # empty for a sweeper's search space
+        experiment_id = mlflow_runs.experiment_id(config.logger.experiment_name, uri)
         parent = client.create_run(
             experiment_id,
             run_name="sweep " + (" ".join(swept) or "over " + ", ".join(keys)),
-            tags={"overrides": " ".join(overrides), "sweep_role": "parent", compare.SWEPT_KEYS_TAG: json.dumps(keys)},
+            tags={"overrides": " ".join(overrides), "sweep_role": "parent", comparison.SWEPT_KEYS_TAG: json.dumps(keys)},
         )
         self.parent_run_id, self.swept_keys = parent.info.run_id, keys
         group = f"{parent.info.run_name} {self.parent_run_id[:8]}"  # two sweeps of one command stay apart
         client.set_tag(self.parent_run_id, "sweep_id", self.parent_run_id)
-        client.set_tag(self.parent_run_id, tracking.GROUP_TAG, group)
+        client.set_tag(self.parent_run_id, mlflow_runs.GROUP_TAG, group)
         views.save_sweep_view(client, experiment_id, self.parent_run_id, keys)
         sweep = {"parent_run_id": self.parent_run_id, "swept_keys": keys, "group": group}
         set_in_jobs(config, {  # what each job needs, wherever the launcher runs it
-            f"hydra.job.env_set.{tracking.SWEEP_ENV}": json.dumps(sweep),
+            f"hydra.job.env_set.{mlflow_runs.SWEEP_ENV}": json.dumps(sweep),
             "hydra.job.env_set.MLFLOW_TRACKING_URI": uri,
             "hydra.sweep.dir": str(Path(config.hydra.sweep.dir).resolve()),  # not relative to a worker's folder
         })
@@ -102,9 +102,9 @@ class MLflowSweep(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         signal.signal(signal.SIGINT, self.previous_sigint)
         uri = store.tracking_uri()
-        client = tracking.client(uri)
+        client = mlflow_runs.client(uri)
         parent = client.get_run(self.parent_run_id)
-        children = compare.sweep_children(client, parent)
+        children = comparison.sweep_children(client, parent)
         if sweep_interrupted(self.sweep_dir):
             self.end_interrupted(client, children)
         client.log_batch(self.parent_run_id, params=shared_params(children))
@@ -120,7 +120,7 @@ class MLflowSweep(Callback):
         if failed:  # the other jobs ran and are compared; the sweep as a whole did not succeed
             print(f"Sweep {self.parent_run_id}: {len(failed)} of {len(children)} jobs failed:", file=sys.stderr)
             for run in failed:
-                print(f"  {run.info.run_name}: {run.data.tags.get(tracking.ERROR_TAG, run.info.status)}", file=sys.stderr)
+                print(f"  {run.info.run_name}: {run.data.tags.get(mlflow_runs.ERROR_TAG, run.info.status)}", file=sys.stderr)
             sys.exit(1)
 
     def end_interrupted(self, client: mlflow.MlflowClient, children: list) -> NoReturn:
@@ -129,22 +129,22 @@ class MLflowSweep(Callback):
         atexit.unregister(self.close_if_open)
         killed = [run for run in children if run.info.status == "KILLED"]
         finished = sum(run.info.status == "FINISHED" for run in children)
-        resumes = "; ".join(tracking.resume_command(run.data.tags.get("overrides", ""), run.info.run_id) for run in killed)
+        resumes = "; ".join(mlflow_runs.resume_command(run.data.tags.get("overrides", ""), run.info.run_id) for run in killed)
         print(f"Sweep {self.parent_run_id} interrupted: {finished} runs finished, {len(killed)} KILLED with their "
               f"checkpoints" + (f"; go on with: {resumes}" if killed else ""), file=sys.stderr)
         sys.exit(1)
 
     def summarize(self, client: mlflow.MlflowClient, children: list, directory: Path, parent) -> None:
         """The comparison as the parent's artifacts; the sweep's and its best configuration's scores as its metrics."""
-        keys = compare.configuration_keys(parent, children)
-        report = compare.write_report(client, children, keys, directory, parent.info.run_name)
+        keys = comparison.configuration_keys(parent, children)
+        report = comparison.write_report(client, children, keys, directory, parent.info.run_name)
         for path in report.paths:
             client.log_artifact(self.parent_run_id, str(path), "comparison")
         scored = [row for row in report.runs if row.scored]
         if not scored:
             return
         best = report.configurations[0]
-        metrics = {**compare.ConfigurationRow.of("sweep", scored).metrics("sweep"), **best.metrics("best")}
+        metrics = {**comparison.ConfigurationRow.of("sweep", scored).metrics("sweep"), **best.metrics("best")}
         client.log_batch(self.parent_run_id, metrics=[Metric(key, value, now_ms(), 0) for key, value in metrics.items()])
         best_run = max((row for row in scored if row.configuration == best.configuration), key=lambda row: row.test_return)
         client.set_tag(self.parent_run_id, "best_configuration", best.configuration)

@@ -9,11 +9,11 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
-from rl_pipeline import tracking, views
-from rl_pipeline.checkpoints import read_checkpoint
-from rl_pipeline.evaluation import Score, record_gif, score_policy
-from rl_pipeline.module import DQNModule
-from rl_pipeline.parts import build_env, build_transforms, eval_env_maker
+from rl_pipeline.agents.dqn.agent import DQNModule
+from rl_pipeline.agents.evaluation import Score, record_gif, score_policy
+from rl_pipeline.run.build import build_env, build_transforms, eval_env_maker
+from rl_pipeline.run.checkpoints import read_checkpoint
+from rl_pipeline.tracking import mlflow_runs, views
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def export_best(module: DQNModule, checkpoint_path: str) -> tuple[nn.Module, str
     module.load_state_dict(checkpoint["state_dict"])
     mlflow.log_artifact(checkpoint_path, "checkpoints")
     policy = module.policy.cpu().eval()
-    return policy, tracking.log_policy(policy, step=checkpoint["env_steps"]), checkpoint["env_steps"]
+    return policy, mlflow_runs.log_policy(policy, step=checkpoint["env_steps"]), checkpoint["env_steps"]
 
 
 def export(cfg: DictConfig, module: DQNModule, best: ModelCheckpoint, last: Path, started: float) -> Score:
@@ -71,7 +71,7 @@ def log_new_metrics(metrics: dict[str, float], model_id: str | None = None) -> N
 def log_plots(cfg: DictConfig, policy: nn.Module) -> None:
     """The learning curve and a GIF of one whole greedy episode."""
     output_dir = Path(cfg.paths.output_dir)
-    tracking.log_learning_curve(mlflow.active_run().info.run_id, output_dir)
+    mlflow_runs.log_learning_curve(mlflow.active_run().info.run_id, output_dir)
     render_env = build_env(
         cfg, build_transforms(cfg), num_envs=1, vectorization_mode="sync", render_mode="rgb_array"
     )

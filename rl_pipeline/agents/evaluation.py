@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from scipy import stats
 from torch import nn
 
-from rl_pipeline.networks import greedy_actions
+from rl_pipeline.agents.networks import greedy_actions
 
 log = logging.getLogger(__name__)
 

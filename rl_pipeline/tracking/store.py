@@ -7,12 +7,13 @@ import os
 import urllib.request
 from pathlib import Path
 
-from rl_pipeline.validation import ConfigError
+from rl_pipeline.errors import ConfigError
 
 DEFAULT_STORE = Path("outputs") / "mlflow.db"
 SERVER_SCHEMES = ("http", "https")
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # SQLAlchemy's, with or without +driver
 SQLITE_HEADER = b"SQLite format 3\x00"
+DEFAULT_PORT = 5000  # the UI's
 
 
 def tracking_uri() -> str:
@@ -56,3 +57,8 @@ def check_store(uri: str, timeout_s: float = 3.0) -> None:
 def is_sqlite(path: Path) -> bool:
     with open(path, "rb") as file:
         return file.read(len(SQLITE_HEADER)) == SQLITE_HEADER
+
+
+def local_address(port: int) -> str:
+    """A server's address on this machine."""
+    return f"http://127.0.0.1:{port}"

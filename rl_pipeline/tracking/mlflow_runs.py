@@ -27,8 +27,9 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
 import rl_pipeline
-from rl_pipeline.plots import Curve, plot_curves
-from rl_pipeline.store import sqlite_path, tracking_uri
+from rl_pipeline.errors import TrackingLost
+from rl_pipeline.tracking.plots import Curve, plot_curves
+from rl_pipeline.tracking.store import sqlite_path, tracking_uri
 
 SWEEP_ENV = "RL_PIPELINE_SWEEP"  # set by the sweep callback for the jobs it launches
 ERROR_TAG = "error"  # on a FAILED run: the one line that said why
@@ -41,10 +42,6 @@ MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch
 NOT_SETTINGS = (
     "paths.", "logger.", "callbacks.", "resume", "trainer.lightning.enable_progress_bar", "trainer.lightning.enable_model_summary",
 )
-
-
-class TrackingLost(Exception):
-    """The tracking server stopped answering within the bounded wait."""
 
 
 # What MLflow's HTTP client says once its retries are spent on a server that is gone or silent.

@@ -16,9 +16,7 @@ from collections import deque
 import numpy as np
 import torch
 
-
-class FrameStoreFull(RuntimeError):
-    """More distinct frames are referenced than the store has room for."""
+from rl_pipeline.errors import FrameStoreFull
 
 
 class FrameStore:

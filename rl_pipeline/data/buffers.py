@@ -6,8 +6,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from rl_pipeline.frames import FrameStore
-from rl_pipeline.schedule import linear_schedule
+from rl_pipeline.data.frames import FrameStore
+from rl_pipeline.data.schedule import linear_schedule
 from rl_pipeline.validation import boolean, expected, positive_int, positive_number, probability
 
 

@@ -9,13 +9,14 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from rl_pipeline.buffers import UniformReplayBuffer
-from rl_pipeline.collectors import Collector
-from rl_pipeline.evaluation import Evaluator, Score
-from rl_pipeline.losses import DQNLoss
-from rl_pipeline.networks import update_target
-from rl_pipeline.schedule import Schedule
-from rl_pipeline.transforms import policy_input
+from rl_pipeline.agents.dqn.loss import DQNLoss
+from rl_pipeline.agents.evaluation import Evaluator, Score
+from rl_pipeline.agents.networks import update_target
+from rl_pipeline.data.buffers import UniformReplayBuffer
+from rl_pipeline.data.collector import Collector
+from rl_pipeline.data.schedule import Schedule
+from rl_pipeline.envs.transforms import policy_input
+from rl_pipeline.errors import TrainingDiverged
 
 
 def mean64(values) -> torch.Tensor:
@@ -31,10 +32,6 @@ def restore_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite: every later update would be garbage."""
 
 
 class DQNModule(pl.LightningModule):

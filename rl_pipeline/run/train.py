@@ -14,9 +14,11 @@ from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader
 
-from rl_pipeline import store, tracking
-from rl_pipeline.callbacks import StopWhenSolved
-from rl_pipeline.checkpoints import (
+from rl_pipeline.agents.dqn.agent import DQNModule
+from rl_pipeline.errors import TrainingDiverged
+from rl_pipeline.run.build import build_module, solved_return
+from rl_pipeline.run.callbacks import StopWhenSolved
+from rl_pipeline.run.checkpoints import (
     CHECKPOINT_TAG,
     AtomicCheckpointIO,
     ResumableCheckpoint,
@@ -24,11 +26,10 @@ from rl_pipeline.checkpoints import (
     SigtermExits,
     find_resume_checkpoint,
 )
-from rl_pipeline.config import build, check_plain_types, check_settings, target_of
-from rl_pipeline.export import export, restore_trained, summary
-from rl_pipeline.jobs import in_multirun
-from rl_pipeline.module import DQNModule, TrainingDiverged
-from rl_pipeline.parts import build_module, solved_return
+from rl_pipeline.run.config import build, check_plain_types, check_settings, target_of
+from rl_pipeline.run.export import export, restore_trained, summary
+from rl_pipeline.run.jobs import in_multirun
+from rl_pipeline.tracking import mlflow_runs, store
 from rl_pipeline.validation import expected
 
 log = logging.getLogger(__name__)
@@ -119,10 +120,10 @@ def train(cfg: DictConfig) -> float:
     check_settings(cfg)
     uri = store.tracking_uri()
     store.check_store(uri)
-    tracking.bound_server_wait(cfg.logger.server_timeout_s)
+    mlflow_runs.bound_server_wait(cfg.logger.server_timeout_s)
     resume = None
     if cfg.resume is not None:
-        resume = find_resume_checkpoint(cfg.resume, tracking.resolved_config(cfg), cfg.logger.experiment_name, uri)
+        resume = find_resume_checkpoint(cfg.resume, mlflow_runs.resolved_config(cfg), cfg.logger.experiment_name, uri)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(cfg)
     # A resumed run keeps writing where it started, so Lightning restores its callbacks' state.
@@ -130,21 +131,21 @@ def train(cfg: DictConfig) -> float:
     callbacks = build_callbacks(cfg, checkpoint_dir)
     best = relied_on(callbacks, "best_checkpoint", ModelCheckpoint)  # its best is the policy exported
     last = relied_on(callbacks, "last_checkpoint", ResumableCheckpoint)  # what resume= continues from
-    last.run_config = tracking.resolved_config(cfg)
+    last.run_config = mlflow_runs.resolved_config(cfg)
     trainer = build_trainer(cfg, module, list(callbacks.values()))
 
     # One process per run (a second resume is refused); from the run's creation on, SIGTERM ends it KILLED.
     lock = RunLock(checkpoint_dir, key="resume" if resume else "hydra.run.dir")
     run = None
     try:
-        with lock, SigtermExits() as sigterm, tracking.mlflow_run(cfg, resume and resume.run_id) as run:
+        with lock, SigtermExits() as sigterm, mlflow_runs.mlflow_run(cfg, resume and resume.run_id) as run:
             if resume:
                 log.info("Resuming MLflow run %s from %s", run.info.run_id, resume.path)
             else:
                 mlflow.set_tag(CHECKPOINT_TAG, str(last.path.resolve()))
             last.mlflow_run_id = run.info.run_id
             trainer.logger = build(cfg.logger, "logger", tracking_uri=uri, run_id=run.info.run_id)
-            with tracking.resumable_on_server_loss(uri, last.path, run.info.run_id):
+            with mlflow_runs.resumable_on_server_loss(uri, last.path, run.info.run_id):
                 if resume and resume.training_done:
                     restore_trained(module, best, resume.path)
                 else:
@@ -162,6 +163,6 @@ def train(cfg: DictConfig) -> float:
 
 def interrupted(run_id: str, last: ResumableCheckpoint) -> str:
     """The last line of an interrupted run: what is kept, and the command that goes on with it."""
-    command = tracking.resume_command(" ".join(tracking.task_overrides()), run_id)
+    command = mlflow_runs.resume_command(" ".join(mlflow_runs.task_overrides()), run_id)
     return (f"Interrupted: MLflow run {run_id} is KILLED, {last.path} holds it at {last.saved_at_env_steps} env steps; "
             f"go on with: {command}")

@@ -21,7 +21,8 @@ from gymnasium.wrappers import vector as vector_wrappers
 from gymnasium.wrappers.utils import RunningMeanStd
 from torch import nn
 
-from rl_pipeline.validation import ConfigError, boolean, expected, non_negative_int, positive_int, positive_number
+from rl_pipeline.errors import ConfigError
+from rl_pipeline.validation import boolean, expected, non_negative_int, positive_int, positive_number
 
 
 class ObservationNormalizer(nn.Module):

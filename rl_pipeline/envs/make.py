@@ -9,7 +9,8 @@ import gymnasium as gym
 from gymnasium.envs.registration import EnvSpec
 from gymnasium.wrappers.vector import RecordEpisodeStatistics
 
-from rl_pipeline.validation import ConfigError, expected, one_of, positive_int
+from rl_pipeline.errors import ConfigError
+from rl_pipeline.validation import expected, one_of, positive_int
 
 log = logging.getLogger(__name__)
 

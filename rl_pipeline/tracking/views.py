@@ -15,8 +15,8 @@ from urllib.parse import quote
 
 import mlflow
 
-from rl_pipeline import compare, store, tracking
-from rl_pipeline.ui import DEFAULT_PORT, local_address
+from rl_pipeline.tracking import comparison, mlflow_runs, store
+from rl_pipeline.tracking.store import DEFAULT_PORT, local_address
 
 VIEW_TAG = "mlflow.sharedViewState."
 EXPERIMENT_VIEW = "rl_pipeline-runs"
@@ -36,7 +36,7 @@ NOT_CHARTED = [
     "final/policy_env_steps", "final/solved_env_steps", "final/wall_seconds", "system/disk_usage_megabytes",
     "system/disk_usage_percentage", "system/disk_available_megabytes", "system/network_receive_megabytes",
     "system/network_transmit_megabytes", "system/system_memory_usage_percentage",
-    *(f"{scope}/{name}" for scope in ("sweep", "best") for name in compare.SUMMARY_METRICS),  # a sweep parent's
+    *(f"{scope}/{name}" for scope in ("sweep", "best") for name in comparison.SUMMARY_METRICS),  # a sweep parent's
 ]
 RESULT_COLUMNS = ["test/return_mean", "test/return_lower_bound", "final/solved_env_steps", "final/wall_seconds"]
 
@@ -92,7 +92,7 @@ def save_view(client: mlflow.MlflowClient, experiment_id: str, key: str, name: s
 
 def save_experiment_view(client: mlflow.MlflowClient, experiment_id: str) -> None:
     # One curve per sweep (its runs' mean, with a band) and per single run: a sweep's parent has no curves of its own.
-    state = view_state(group_by=[("tag", tracking.GROUP_TAG)], columns=["env", "seed"])
+    state = view_state(group_by=[("tag", mlflow_runs.GROUP_TAG)], columns=["env", "seed"])
     save_view(client, experiment_id, EXPERIMENT_VIEW, "rl_pipeline: all runs", state)
 
 
@@ -141,9 +141,9 @@ def pages(client: mlflow.MlflowClient, experiment_name: str, address: str, sweep
     if sweep_id is None:
         save_experiment_view(client, experiment.experiment_id)
         return [runs_link(address, experiment.experiment_id, EXPERIMENT_VIEW)]
-    parent = tracking.run_or_none(client, sweep_id)
-    if parent is None or not compare.is_sweep(parent):
+    parent = mlflow_runs.run_or_none(client, sweep_id)
+    if parent is None or not comparison.is_sweep(parent):
         raise SystemExit(f"ui: {sweep_id!r} is not a sweep id (the run id of a sweep's parent run)")
     experiment_id = parent.info.experiment_id
-    save_sweep_view(client, experiment_id, sweep_id, json.loads(parent.data.tags[compare.SWEPT_KEYS_TAG]))
+    save_sweep_view(client, experiment_id, sweep_id, json.loads(parent.data.tags[comparison.SWEPT_KEYS_TAG]))
     return [runs_link(address, experiment_id, sweep_view_key(sweep_id)), comparison_link(address, experiment_id, sweep_id)]

@@ -26,10 +26,8 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from rl_pipeline import store, tracking
-from rl_pipeline.checkpoints import CorruptCheckpoint
-from rl_pipeline.module import TrainingDiverged
-from rl_pipeline.validation import ConfigError
+from rl_pipeline.errors import ConfigError, CorruptCheckpoint, TrainingDiverged
+from rl_pipeline.tracking import mlflow_runs, store
 
 # (error class, the line's prefix, exit code)
 FAILURES = (
@@ -60,7 +58,7 @@ def report(error: Exception) -> tuple[str, int] | None:
     for kind, prefix, code in FAILURES:
         if isinstance(error, kind):
             return f"{prefix}: {error}", code
-    if tracking.server_lost(error):
+    if mlflow_runs.server_lost(error):
         return f"Tracking server lost: {str(error).splitlines()[0]}", SERVER_LOST_EXIT
     if is_disk_full(error):
         return f"Disk full: {error}; free space and resume the run with resume=", DISK_FULL_EXIT
@@ -106,7 +104,7 @@ def run(task: Callable[[DictConfig], float], cfg: DictConfig) -> float:
         if not in_multirun():
             sys.exit(code)
         if isinstance(error, ConfigError):  # stopped before its run existed
-            tracking.record_failed_job(cfg, line)
+            mlflow_runs.record_failed_job(cfg, line)
         return worst_objective()
 
 

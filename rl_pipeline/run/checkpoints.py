@@ -28,8 +28,9 @@ from lightning_fabric.plugins import TorchCheckpointIO
 from mlflow.exceptions import MlflowException
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from rl_pipeline import tracking
-from rl_pipeline.validation import ConfigError, expected
+from rl_pipeline.errors import ConfigError, CorruptCheckpoint
+from rl_pipeline.tracking import mlflow_runs
+from rl_pipeline.validation import expected
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,6 @@ TRAILER_BYTES = len(CHECKSUM) + 32
 CHECKPOINT_TAG = "checkpoint"  # on each MLflow run: the path of its last.ckpt
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 LIBRARY_DIRS = tuple({sysconfig.get_path(name) for name in ("stdlib", "platstdlib", "purelib", "platlib")})
-
-
-class CorruptCheckpoint(Exception):
-    """A checkpoint whose bytes are not the ones that were written."""
 
 
 class HashingWriter:
@@ -217,7 +214,7 @@ class ResumableCheckpoint(pl.Callback):
 
 def store_metrics(trainer: pl.Trainer) -> None:
     """Writes the metrics that the run's logger holds back (Lightning's other loggers hold none)."""
-    if isinstance(trainer.logger, tracking.MLFlowLogger):
+    if isinstance(trainer.logger, mlflow_runs.MLFlowLogger):
         trainer.logger.flush()
 
 
@@ -293,7 +290,7 @@ class SigtermExits:
 
 def find_resume_checkpoint(resume, params: dict[str, str], experiment_name: str, uri: str) -> Resume:
     """The checkpoint and MLflow run that `resume=` names, checked against this job's config."""
-    client = tracking.client(uri)
+    client = mlflow_runs.client(uri)
     path = checkpoint_path(str(resume), client, experiment_name)
     try:
         checkpoint = read_checkpoint(path)
@@ -318,7 +315,7 @@ def find_resume_checkpoint(resume, params: dict[str, str], experiment_name: str,
 def checkpoint_path(resume: str, client: mlflow.MlflowClient, experiment_name: str) -> Path:
     """`last` (the newest run's), an MLflow run id, a run directory or a checkpoint file -> last.ckpt's path."""
     if resume == "last" or RUN_ID.fullmatch(resume):
-        run = latest_run(client, experiment_name) if resume == "last" else tracking.run_or_none(client, resume)
+        run = latest_run(client, experiment_name) if resume == "last" else mlflow_runs.run_or_none(client, resume)
         if run is None or CHECKPOINT_TAG not in run.data.tags:
             raise ConfigError("resume", f"found no MLflow run with a checkpoint for {resume!r} in {client.tracking_uri}")
         path = Path(run.data.tags[CHECKPOINT_TAG])
@@ -340,12 +337,12 @@ def latest_run(client: mlflow.MlflowClient, experiment_name: str):
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         return None
-    runs = tracking.search_runs(client, [experiment.experiment_id], order_by=["attributes.start_time DESC"])
+    runs = mlflow_runs.search_runs(client, [experiment.experiment_id], order_by=["attributes.start_time DESC"])
     return next((run for run in runs if Path(run.data.tags.get(CHECKPOINT_TAG, "")).is_file()), None)
 
 
 def check_same_config(saved: dict[str, str], current: dict[str, str]) -> None:
-    for key in sorted(key for key in saved.keys() | current.keys() if not key.startswith(tracking.NOT_SETTINGS)):
+    for key in sorted(key for key in saved.keys() | current.keys() if not key.startswith(mlflow_runs.NOT_SETTINGS)):
         if saved.get(key) != current.get(key):
             raise ConfigError(
                 "resume",

@@ -9,10 +9,10 @@ import torch
 from gymnasium.vector import VectorEnv
 from torch import nn
 
-from rl_pipeline.buffers import Transitions
-from rl_pipeline.envs import env_state, restore_env_state
-from rl_pipeline.networks import greedy_actions
-from rl_pipeline.schedule import linear_schedule
+from rl_pipeline.agents.networks import greedy_actions
+from rl_pipeline.data.buffers import Transitions
+from rl_pipeline.data.schedule import linear_schedule
+from rl_pipeline.envs.make import env_state, restore_env_state
 from rl_pipeline.validation import expected, non_negative_int, positive_int, probability
 
 

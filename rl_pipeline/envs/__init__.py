@@ -1,0 +1,1 @@
+"""Gymnasium vector envs and the observation and reward transforms around them."""

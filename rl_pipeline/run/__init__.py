@@ -1,0 +1,1 @@
+"""One run from its config: checks, building the parts, training, finishing, resuming, sweeps."""

@@ -1,0 +1,1 @@
+"""MLflow: where the store is, the run's lifecycle and params, sweep reports, saved UI views."""
