@@ -14,6 +14,7 @@ import time
 import numpy as np
 import torch
 
+from rl_pipeline.agents.exploration import epsilon_greedy
 from rl_pipeline.agents.networks import MLP
 from rl_pipeline.data.buffers import (
     PrioritizedReplayBuffer,
@@ -21,6 +22,7 @@ from rl_pipeline.data.buffers import (
     UniformReplayBuffer,
 )
 from rl_pipeline.data.collector import Collector
+from rl_pipeline.data.nstep import NStepReturns
 from rl_pipeline.envs.make import make_vector_env
 
 CAPACITY, BATCH_SIZE, NUM_ENVS = 1_000_000, 256, 4
@@ -55,15 +57,20 @@ def buffer_rates(buffer: UniformReplayBuffer, seconds: float) -> dict[str, float
 
 
 def collector_rate(epsilon: float, seconds: float) -> float:
+    """Env steps per second of collecting into a buffer, acting ε-greedily on a [256, 256] MLP."""
     env = make_vector_env("CartPole-v1", num_envs=NUM_ENVS)
     buffer = UniformReplayBuffer(CAPACITY, BATCH_SIZE)
-    random_actions = epsilon == 1.0
-    collector = Collector(
-        env, env_steps_per_iteration=256, max_env_steps=10**9, epsilon_start=epsilon, epsilon_end=epsilon,
-        learning_starts=10**9 if random_actions else 0,
-    )
-    q_network = MLP((4,), 2, hidden_sizes=[256, 256])
-    return 256 * calls_per_s(lambda: collector.collect(q_network, buffer.add), seconds)
+    collector = Collector(env, env_steps_per_iteration=256)
+    q_network = MLP((4,), (2,), hidden_sizes=[256, 256])
+    fold = NStepReturns(1, 0.99, NUM_ENVS)
+
+    def act(observations):
+        return epsilon_greedy(q_network, observations, epsilon, 2, torch.device("cpu"))
+
+    def store(step):
+        buffer.add(fold(*step))
+
+    return 256 * calls_per_s(lambda: collector.collect(act, store), seconds)
 
 
 def main() -> None:

@@ -4,13 +4,14 @@
 class ConfigError(ValueError):
     """A user's config mistake: reported as one line, before any training starts."""
 
-    def __init__(self, key: str, problem: str):
-        self.key, self.problem = key, problem
+    def __init__(self, key: str, problem: str, rooted: bool = False):
+        self.key, self.problem, self.rooted = key, problem, rooted
         super().__init__(f"{key}: {problem}")
 
     def within(self, group: str) -> "ConfigError":
-        """The same error, keyed from the config root (`capacity` -> `buffer.capacity`)."""
-        return ConfigError(f"{group}.{self.key}", self.problem)
+        """The same error, keyed from the config root (`capacity` -> `buffer.capacity`); a check across
+        groups names its keys from the root already (`rooted`), and keeps them."""
+        return self if self.rooted else ConfigError(f"{group}.{self.key}", self.problem)
 
 
 class TrainingDiverged(RuntimeError):

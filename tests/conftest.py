@@ -22,7 +22,7 @@ TINY_RUN = (
     "trainer.eval_interval_env_steps=512",
     "trainer.eval_episodes=2",
     "collector.learning_starts=256",
-    "trainer.updates_per_iteration=4",
+    "agent.updates_per_iteration=4",
     "trainer.lightning.enable_progress_bar=false",
 )
 

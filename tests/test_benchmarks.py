@@ -13,10 +13,10 @@ from rl_pipeline.run.build import solved_return
 CONFIG_KEYS = {
     "env_id": "env.id", "num_envs": "env.num_envs", "max_env_steps": "trainer.max_env_steps",
     "env_steps_per_iteration": "collector.env_steps_per_iteration",
-    "updates_per_iteration": "trainer.updates_per_iteration",
-    "target_sync_interval_updates": "trainer.target_sync_interval_updates",
-    "learning_starts": "collector.learning_starts", "epsilon_start": "collector.epsilon_start",
-    "epsilon_end": "collector.epsilon_end", "epsilon_fraction": "collector.epsilon_fraction",
+    "updates_per_iteration": "agent.updates_per_iteration",
+    "target_sync_interval_updates": "agent.target_sync_interval_updates",
+    "learning_starts": "collector.learning_starts", "epsilon_start": "exploration.epsilon_start",
+    "epsilon_end": "exploration.epsilon_end", "epsilon_fraction": "exploration.epsilon_fraction",
     "buffer_capacity": "buffer.capacity", "batch_size": "buffer.batch_size", "lr": "optimizer.lr",
     "gamma": "loss.gamma", "hidden_sizes": "network.hidden_sizes",
     "eval_interval_env_steps": "trainer.eval_interval_env_steps", "eval_episodes": "trainer.eval_episodes",
@@ -33,10 +33,11 @@ def test_the_plain_loop_runs_experiment_dqn_settings():
         assert getattr(plain_dqn.ARGS, field) == (tuple(value) if field == "hidden_sizes" else value), key
     assert plain_dqn.ARGS.solved_return == solved_return(cfg) == 475
     # What the loop hard-codes: a hard target sync, the Huber loss, single-step returns, uniform replay, fused Adam.
-    assert cfg.trainer.target_sync_tau == 1.0 and cfg.loss.loss == "huber" and not cfg.loss.double_dqn
-    assert cfg.collector.n_step == 1 and cfg.buffer._target_.endswith("UniformReplayBuffer")
+    assert cfg.agent.target_sync_tau == 1.0 and cfg.loss.loss == "huber" and not cfg.loss.double_dqn
+    assert cfg.agent.n_step == 1 and cfg.buffer._target_.endswith("UniformReplayBuffer")
     assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.optimizer.fused and cfg.network.activation == "relu"
-    assert cfg.env.vectorization_mode == "sync" and cfg.trainer.max_grad_norm is None and not cfg.network.dueling
+    assert cfg.env.vectorization_mode == "sync" and cfg.agent.max_grad_norm is None and not cfg.network.dueling
+    assert not cfg.network.noisy and cfg.exploration._target_.endswith(".EpsilonGreedy")
 
 
 def row(system: str, seed: int, wall_s: float) -> dict:

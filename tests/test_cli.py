@@ -156,8 +156,9 @@ def test_logged_model_carries_the_frozen_observation_normalization(train_here, t
     train_here("+experiment=dqn", "transforms=normalize_obs", *TINY_RUN, tracking_uri=tracking_uri)
     (run,) = all_runs(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
-    normalizer, q_network = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    normalizer, q_network, q_values = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
     (frozen,) = normalizer
+    assert isinstance(q_values, torch.nn.Identity)  # DQN's network outputs the Q-values
     assert isinstance(frozen, ObservationNormalizer)
     assert frozen.mean.abs().sum() > 0 and not torch.allclose(frozen.var, torch.ones(4))  # learned, not initial
     observations = torch.randn(5, 4)
@@ -193,7 +194,7 @@ def test_interrupted_run_saves_a_checkpoint_ends_killed_and_resumes_to_finished(
                               f"trainer.lightning.enable_progress_bar=false resume={run.info.run_id}")
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     stopped_at = checkpoint["training_state"]["collector"]["env_steps"]
-    assert 2560 <= stopped_at < 10240 and "q_network.trunk.1.weight" in checkpoint["state_dict"]
+    assert 2560 <= stopped_at < 10240 and "network.trunk.1.weight" in checkpoint["state_dict"]
     assert (checkpoint["training_state"]["buffer"] is not None) == keep_buffer
     assert checkpoint["run"]["mlflow_run_id"] == run.info.run_id
 
@@ -264,7 +265,7 @@ def test_another_env_option_trains_through_the_same_pipeline(train_here, trackin
 def test_dqn_atari_trains_pong_on_pixels_and_logs_a_model_that_takes_stacked_frames(train_here, tracking_uri):
     train_here(
         "+experiment=dqn_atari", "trainer.max_env_steps=3072", "collector.learning_starts=2048",
-        "trainer.updates_per_iteration=8", "trainer.eval_interval_env_steps=3072", "trainer.eval_episodes=1",
+        "agent.updates_per_iteration=8", "trainer.eval_interval_env_steps=3072", "trainer.eval_episodes=1",
         "buffer.capacity=5000", "trainer.lightning.enable_progress_bar=false", tracking_uri=tracking_uri,
     )
     (run,) = all_runs(tracking_uri)
@@ -291,4 +292,4 @@ def test_same_config_and_seed_give_identical_metrics_at_every_step(tmp_path):
     assert first == second
     assert len(first["train/loss"]) == 4  # one point per iteration once learning_starts frames are in
     # The control: gradient clipping changes the updates, and the histories show it.
-    assert metric_histories("clipped", "trainer.max_grad_norm=0.001")["train/loss"] != first["train/loss"]
+    assert metric_histories("clipped", "agent.max_grad_norm=0.001")["train/loss"] != first["train/loss"]

@@ -6,16 +6,17 @@ from conftest import CONF_DIR, compose_config
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 
-from rl_pipeline.agents.dqn.agent import DQNModule
-from rl_pipeline.run.build import build_module
+from rl_pipeline.run.build import build_agent
 from rl_pipeline.run.checkpoints import ResumableCheckpoint
-from rl_pipeline.run.config import GROUPS, check_settings
+from rl_pipeline.run.config import GROUPS, check_settings, target_of
 from rl_pipeline.run.train import build_callbacks
 from rl_pipeline.tracking.mlflow_runs import flatten
 
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))]
 # Options for pixels compose with the Atari preset; every other one with the CartPole one.
 PIXEL_OPTIONS = {("env", "pong"), ("transforms", "atari"), ("network", "nature_cnn"), ("network", "dueling_cnn")}
+# What an option is refused without: noisy layers, and none of the preset's ε settings.
+NEEDS = {("exploration", "noisy"): ("network.noisy=true", "~exploration.epsilon_end", "~exploration.epsilon_fraction")}
 
 
 def test_every_group_has_an_option():
@@ -25,13 +26,14 @@ def test_every_group_has_an_option():
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_builds(tmp_path, group, option):
     experiment = "dqn_atari" if (group, option) in PIXEL_OPTIONS else "dqn"
-    cfg = compose_config(f"+experiment={experiment}", f"{group}={option}", "buffer.capacity=1000", "trainer.eval_episodes=2")
+    cfg = compose_config(f"+experiment={experiment}", f"{group}={option}", *NEEDS.get((group, option), ()),
+                         "buffer.capacity=1000", "trainer.eval_episodes=2")
     check_settings(cfg)
-    module = build_module(cfg)
-    assert isinstance(module, DQNModule)
-    env = module.evaluator.screen_env
+    agent = build_agent(cfg)
+    assert isinstance(agent, target_of(cfg.agent, "agent"))
+    env = agent.evaluator.screen_env
     observation = env.reset(seed=0)[0]
-    assert module.policy(torch.as_tensor(observation)).shape == (cfg.trainer.eval_episodes, env.single_action_space.n)
+    assert agent.policy(torch.as_tensor(observation)).shape == (cfg.trainer.eval_episodes, env.single_action_space.n)
     callbacks = build_callbacks(cfg, tmp_path)
     assert {name: type(c).__name__ for name, c in callbacks.items()} == {
         name: node._target_.rsplit(".", 1)[1] for name, node in cfg.callbacks.items()
@@ -66,6 +68,6 @@ def test_experiment_values_win_over_the_group_defaults(experiment):
         assert OmegaConf.select(cfg, key) == value, key
 
 
-def test_collector_budget_follows_the_trainer_budget():
+def test_the_epsilon_schedule_follows_the_trainer_budget():
     cfg = compose_config("trainer.max_env_steps=1234")
-    assert cfg.collector.max_env_steps == 1234
+    assert cfg.exploration.max_env_steps == 1234

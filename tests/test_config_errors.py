@@ -12,7 +12,7 @@ from hydra.errors import HydraException
 from torch import nn
 
 from rl_pipeline.errors import ConfigError
-from rl_pipeline.run.build import check_network_fits
+from rl_pipeline.agents.base import check_outputs
 from rl_pipeline.run.checkpoints import CHECKPOINT_TAG, AtomicCheckpointIO
 from rl_pipeline.run.train import train
 
@@ -50,8 +50,8 @@ CASES = [
      "got 2001"),
     (("trainer.max_env_steps=1026",), "trainer.max_env_steps: expected a multiple of env.num_envs (4)"),
     # One step can end an episode in every sub-env, each releasing n_step transitions at once.
-    (("collector.n_step=3", "buffer.capacity=11", "buffer.batch_size=8"),
-     "buffer.capacity: expected at least collector.n_step x env.num_envs (12)"),
+    (("agent.n_step=3", "buffer.capacity=11", "buffer.batch_size=8"),
+     "buffer.capacity: expected at least agent.n_step x env.num_envs (12)"),
 ]
 
 
@@ -81,12 +81,17 @@ KEYED = [
     ("env.num_envs=-2", "env.num_envs"),  # non-positive size
     ("network.hidden_sizes=[64,0]", "network.hidden_sizes"),  # non-positive size
     ("trainer.checkpoint_interval_env_steps=0", "trainer.checkpoint_interval_env_steps"),  # non-positive
-    ("trainer.max_grad_norm=0", "trainer.max_grad_norm"),  # non-positive
+    ("agent.max_grad_norm=0", "agent.max_grad_norm"),  # non-positive
     ("trainer.checkpoint_buffer_max_mb=-1", "trainer.checkpoint_buffer_max_mb"),  # out of range
     ("optimizer.lr=-1", "optimizer.lr"),  # out of range
-    ("collector.epsilon_end=1.5", "collector.epsilon_end"),  # probability outside [0, 1]
+    ("exploration.epsilon_end=1.5", "exploration.epsilon_end"),  # probability outside [0, 1]
     ("loss.gamma=-0.1", "loss.gamma"),  # probability outside [0, 1]
-    ("trainer.target_sync_tau=0", "trainer.target_sync_tau"),  # outside (0, 1]
+    ("agent.target_sync_tau=0", "agent.target_sync_tau"),  # outside (0, 1]
+    ("agent.n_step=0", "agent.n_step"),  # non-positive
+    ("+agent.gamma=0.9", "agent.gamma"),  # the loss's: not the agent's
+    ("+agent.network=mlp", "agent.network"),  # a part the pipeline hands over
+    ("exploration=noisy", "exploration.epsilon_end"),  # the preset's ε, for an exploration that takes none
+    ("exploration=noisy ~exploration.epsilon_end ~exploration.epsilon_fraction", "exploration"),  # no noisy layers
     ("callbacks.stop_when_solved._target_=no.such.Callback", "callbacks.stop_when_solved._target_"),
     ("~callbacks.best_checkpoint", "callbacks.best_checkpoint"),  # the exported policy is its best
     ("callbacks.last_checkpoint=null", "callbacks.last_checkpoint"),
@@ -162,11 +167,11 @@ def test_a_tracking_uri_that_is_no_store_is_refused_and_a_file_it_names_is_left_
 
 def test_a_network_that_cannot_take_the_observations_is_named():
     space = gym.spaces.Box(-1, 1, shape=(4,))
-    check_network_fits(nn.Linear(4, 2), space, num_actions=2)
+    check_outputs(nn.Linear(4, 2), space, (2,))
     with pytest.raises(ConfigError, match=r"^network: cannot take the env's observations of shape \(4,\) \(float32\)"):
-        check_network_fits(nn.Linear(3, 2), space, num_actions=2)
-    with pytest.raises(ConfigError, match=r"^network: expected Q-values of shape \(1, 2\) for one observation, got \(1, 5\)"):
-        check_network_fits(nn.Linear(4, 5), space, num_actions=2)
+        check_outputs(nn.Linear(3, 2), space, (2,))
+    with pytest.raises(ConfigError, match=r"^network: expected outputs of shape \(1, 2\) for one observation, got \(1, 5\)"):
+        check_outputs(nn.Linear(4, 5), space, (2,))
 
 
 def test_resuming_a_run_whose_checkpoint_was_deleted_names_the_missing_file(store, tmp_path):

@@ -41,7 +41,7 @@ def make_cartpoles(num_envs: int, max_episode_steps: int | None = None):
 def weak_policy() -> nn.Module:
     """A random MLP: CartPole episodes of 11 to 87 steps, seed by seed."""
     torch.manual_seed(1)
-    return MLP((4,), 2, [8])
+    return MLP((4,), (2,), [8])
 
 
 @pytest.mark.parametrize("max_episode_steps", [None, 75])
@@ -135,7 +135,7 @@ def test_no_confirmation_without_a_threshold():
 
 def test_the_gif_shows_each_captioned_frame_in_its_own_colours(tmp_path):
     env = make_vector_env("CartPole-v1", num_envs=1, render_mode="rgb_array")
-    policy = MLP((4,), 2, hidden_sizes=[8])
+    policy = MLP((4,), (2,), hidden_sizes=[8])
     record_gif(policy, env, tmp_path / "episode.gif", seed=3)
     env.reset(seed=3)
     expected = np.asarray(captioned(env.render()[0], 0, 0.0).convert("RGB"), dtype=float)

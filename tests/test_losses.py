@@ -55,7 +55,7 @@ def test_loss_td_error_and_q_values_by_hand():
     # Q(s, 0) = 5, y = 2: TD error -3; Huber: |δ| - 0.5 = 2.5; squared: 9.
     out = DQNLoss(gamma=0.5, loss="huber")(ONLINE_NET, TARGET_NET, batch([0.0]))
     assert out.q_taken.tolist() == [5.0]
-    assert out.td_error.tolist() == [-3.0]
+    assert out.errors.tolist() == [-3.0]
     assert out.loss.item() == 2.5
     assert DQNLoss(gamma=0.5, loss="mse")(ONLINE_NET, TARGET_NET, batch([0.0])).loss.item() == 9.0
 
@@ -69,7 +69,7 @@ def test_an_n_step_transition_bootstraps_with_gamma_to_the_n():
 def test_importance_weights_scale_each_samples_loss():
     # Squared errors 9 and 9, weighted 1 and 0.5: (9 + 4.5) / 2; the TD errors are not weighted.
     out = DQNLoss(gamma=0.5, loss="mse")(ONLINE_NET, TARGET_NET, batch([0.0, 0.0], weights=[1.0, 0.5]))
-    assert out.loss.item() == 6.75 and out.td_error.tolist() == [-3.0, -3.0]
+    assert out.loss.item() == 6.75 and out.errors.tolist() == [-3.0, -3.0]
 
 
 def test_gradient_flows_only_into_the_online_network():

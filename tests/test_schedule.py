@@ -2,7 +2,7 @@
 
 import pytest
 
-from rl_pipeline.data.schedule import Schedule
+from rl_pipeline.data.schedule import Schedule, linear_schedule
 
 
 def iteration_ends(schedule: Schedule) -> list[int]:
@@ -30,3 +30,8 @@ def test_iterations_end_on_every_evaluation_and_on_the_budget_and_count_as_light
 
 def test_an_interval_of_whole_iterations_keeps_every_iteration_full():
     assert set(iteration_ends(Schedule(256, 2560, 10240))) == set(range(256, 10241, 256))
+
+
+@pytest.mark.parametrize(("t", "expected"), [(0, 1.0), (50, 0.525), (100, 0.05), (10_000, 0.05)])
+def test_linear_schedule(t, expected):
+    assert linear_schedule(1.0, 0.05, 100, t) == pytest.approx(expected)

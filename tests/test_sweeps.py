@@ -133,8 +133,8 @@ def test_optuna_search_runs_its_trials_as_children_and_tags_the_best(tmp_path, t
     assert len(children) == 3 and all(run.info.status == "FINISHED" for run in children)
     best = max(children, key=lambda run: run.data.metrics["test/return_mean"])
     assert parent.data.tags["best_run_id"] == best.info.run_id
-    for key in ("optimizer.lr", "buffer.batch_size", "trainer.target_sync_interval_updates",
-                "collector.epsilon_fraction", "network.hidden_sizes"):
+    for key in ("optimizer.lr", "buffer.batch_size", "agent.target_sync_interval_updates",
+                "exploration.epsilon_fraction", "network.hidden_sizes"):
         assert parent.data.tags[f"best.{key}"] == best.data.params[key]
 
 

@@ -42,7 +42,7 @@ def test_params_are_the_settings_under_the_keys_one_overrides(store):
     assert params["optimizer.lr"] == "0.0023" and params["seed"] == "0" and params["buffer.alpha"] == "0.6"
     assert not [key for key in params if "_target_" in key or "_partial_" in key]
     # Copies of another key (collector.seed: ${seed}), where a job writes, how it is watched: none.
-    for key in ("collector.seed", "collector.gamma", "collector.max_env_steps", "buffer.beta_steps", "paths.output_dir",
+    for key in ("collector.seed", "exploration.max_env_steps", "buffer.beta_steps", "paths.output_dir",
                 "logger.experiment_name", "trainer.lightning.enable_progress_bar", "resume"):
         assert key not in params
     # A value set in place of the copy is a setting again; the whole config is still there for resume.

@@ -2,12 +2,10 @@
 
 import os
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch import nn
 
-from rl_pipeline.agents.dqn.agent import DQNModule
+from rl_pipeline.agents.base import OffPolicyAgent
 from rl_pipeline.agents.evaluation import Evaluator
 from rl_pipeline.data.schedule import Schedule
 from rl_pipeline.envs.make import (
@@ -18,7 +16,7 @@ from rl_pipeline.envs.make import (
     wrap_for_training,
 )
 from rl_pipeline.errors import ConfigError
-from rl_pipeline.run.config import build
+from rl_pipeline.run.config import build, build_around
 from rl_pipeline.validation import expected, positive_number
 
 
@@ -59,27 +57,12 @@ def build_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
         raise ConfigError("optimizer", f"{type(error).__name__}: {str(error).splitlines()[0]}") from None
 
 
-def check_network_fits(q_network: nn.Module, space, num_actions: int) -> None:
-    """The network must map a batch of the env's observations to one value per action."""
-    example = torch.as_tensor(np.zeros((1, *space.shape), dtype=space.dtype))
-    try:
-        with torch.no_grad():
-            shape = tuple(q_network(example).shape)
-    except Exception as error:
-        raise ConfigError(
-            "network", f"cannot take the env's observations of shape {space.shape} ({space.dtype}): "
-            f"{str(error).splitlines()[0]}"
-        ) from None
-    if shape != (1, num_actions):
-        raise ConfigError("network", f"expected Q-values of shape (1, {num_actions}) for one observation, got {shape}")
-
-
 def check_buffer_holds_episode_ends(cfg: DictConfig, buffer, num_envs: int) -> None:
     """An episode's end releases up to n_step transitions per sub-env in one add."""
-    needed = cfg.collector.get("n_step", 1) * num_envs
+    needed = cfg.agent.get("n_step", 1) * num_envs
     if buffer.capacity < needed:
         raise expected(
-            "buffer.capacity", f"at least collector.n_step x env.num_envs ({needed}), the transitions one step can add",
+            "buffer.capacity", f"at least agent.n_step x env.num_envs ({needed}), the transitions one step can add",
             buffer.capacity,
         )
 
@@ -119,8 +102,9 @@ def build_schedule(cfg: DictConfig, num_envs: int) -> Schedule:
     )
 
 
-def build_module(cfg: DictConfig) -> DQNModule:
-    """Every part, in data-flow order; all config mistakes surface here, before MLflow or training."""
+def build_agent(cfg: DictConfig) -> OffPolicyAgent:
+    """Every part, in data-flow order, then the agent of cfg.agent around them; all config mistakes surface
+    here, before MLflow or training."""
     transforms = build_transforms(cfg)
     env = build_env(cfg, transforms)
     try:
@@ -128,23 +112,23 @@ def build_module(cfg: DictConfig) -> DQNModule:
         space = require_array_observations(env)
     except ConfigError as error:
         raise error.within("env") from None
-    q_network = build(cfg.network, "network", observation_shape=space.shape, num_actions=num_actions)
-    check_network_fits(q_network, space, num_actions)
+    loss = build(cfg.loss, "loss")
+    network = build(cfg.network, "network", observation_shape=space.shape, output_shape=loss.output_shape(num_actions))
     buffer = build(cfg.buffer, "buffer")
     check_buffer_holds_episode_ends(cfg, buffer, env.num_envs)
     check_buffer_fits(buffer, space)
-    return DQNModule(
-        q_network=q_network,
-        loss_fn=build(cfg.loss, "loss"),
+    return build_around(
+        cfg.agent,
+        "agent",
+        network=network,
+        loss=loss,
+        observation_space=space,
         buffer=buffer,
         collector=build(cfg.collector, "collector", env=wrap_for_training(env, transforms)),
-        optimizer=build_optimizer(cfg, q_network.parameters()),
+        exploration=build(cfg.exploration, "exploration"),
+        optimizer=build_optimizer(cfg, network.parameters()),
         transforms=transforms,
         evaluator=build_evaluator(cfg, transforms),
         schedule=build_schedule(cfg, env.num_envs),
-        updates_per_iteration=cfg.trainer.updates_per_iteration,
-        target_sync_interval_updates=cfg.trainer.target_sync_interval_updates,
-        target_sync_tau=cfg.trainer.target_sync_tau,
-        max_grad_norm=cfg.trainer.max_grad_norm,
         checkpoint_buffer_max_bytes=cfg.trainer.checkpoint_buffer_max_mb * 2**20,
     )

@@ -21,14 +21,14 @@ from rl_pipeline.validation import (
     non_negative_int,
     positive_int,
     positive_number,
-    probability,
 )
 
 log = logging.getLogger(__name__)
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = (
-    "env", "transforms", "network", "loss", "buffer", "optimizer", "collector", "callbacks", "trainer", "logger",
+    "agent", "env", "transforms", "network", "loss", "buffer", "optimizer", "collector", "exploration", "callbacks",
+    "trainer", "logger",
 )
 TOP_LEVEL_KEYS = {*GROUPS, "seed", "paths", "resume"}
 TRAINER_KEYS = set(OmegaConf.load(CONF_DIR / "trainer" / "default.yaml"))
@@ -39,7 +39,8 @@ MAX_EXPERIMENT_NAME = 500  # MLflow's limit
 def check_no_unknown_keys(keys, prefix: str, known: set[str]) -> None:
     unknown = sorted(set(keys) - known)
     if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}", f"unknown key; expected one of {', '.join(sorted(known))}")
+        expected_keys = f"one of {', '.join(sorted(known))}" if known else "none: it takes no settings"
+        raise ConfigError(f"{prefix}{unknown[0]}", f"unknown key; expected {expected_keys}")
 
 
 def target_of(node: DictConfig, key: str):
@@ -118,6 +119,17 @@ def build(node: DictConfig, key: str, **runtime_kwargs):
         raise ConfigError(key, str(cause or error).splitlines()[0]) from None
 
 
+def build_around(node: DictConfig, key: str, **parts):
+    """`build` for a target that takes the pipeline's built parts: they go to it as they are, where
+    instantiate would hand a dataclass over as a DictConfig and a list as a ListConfig."""
+    make = build(node, key, _partial_=True)
+    check_keys(node, key, parts)
+    try:
+        return make(**parts)
+    except ConfigError as error:
+        raise error.within(key) from None
+
+
 def check_settings(cfg: DictConfig) -> None:
     """The settings that no instantiated part checks: top-level keys, trainer, devices, logger, seed."""
     check_no_unknown_keys(cfg, "", TOP_LEVEL_KEYS)
@@ -128,8 +140,7 @@ def check_settings(cfg: DictConfig) -> None:
         raise expected("seed", f"an integer in [0, {MAX_SEED}]", cfg.seed)
     check_devices(cfg.trainer.lightning)
     t = cfg.trainer
-    for key in ("max_env_steps", "updates_per_iteration", "target_sync_interval_updates",
-                "eval_interval_env_steps", "eval_episodes", "eval_max_episode_steps", "test_episodes",
+    for key in ("max_env_steps", "eval_interval_env_steps", "eval_episodes", "eval_max_episode_steps", "test_episodes",
                 "checkpoint_interval_env_steps"):
         positive_int(f"trainer.{key}", t[key])
     if not (isinstance(t.checkpoint_buffer_max_mb, (int, float)) and t.checkpoint_buffer_max_mb >= 0):
@@ -137,12 +148,7 @@ def check_settings(cfg: DictConfig) -> None:
     non_negative_int("trainer.eval_seed", t.eval_seed)
     non_negative_int("trainer.solved_confirm_episodes", t.solved_confirm_episodes)
     check_test_seeds(t)
-    probability("trainer.target_sync_tau", t.target_sync_tau)
-    if t.target_sync_tau == 0:
-        raise expected("trainer.target_sync_tau", "a number in (0, 1]", 0)
     boolean("trainer.stop_when_solved", t.stop_when_solved)
-    if t.max_grad_norm is not None:
-        positive_number("trainer.max_grad_norm", t.max_grad_norm)
     if t.solved_return is not None and not isinstance(t.solved_return, (int, float)):
         raise expected("trainer.solved_return", "a number, or null for the env's reward threshold", t.solved_return)
     learning_starts = cfg.collector.get("learning_starts", 0)

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
-from rl_pipeline.agents.dqn.agent import DQNModule
+from rl_pipeline.agents.base import OffPolicyAgent
 from rl_pipeline.agents.evaluation import Score, record_gif, score_policy
 from rl_pipeline.run.build import build_env, build_transforms, eval_env_maker
 from rl_pipeline.run.checkpoints import read_checkpoint
@@ -18,32 +18,32 @@ from rl_pipeline.tracking import mlflow_runs, views
 log = logging.getLogger(__name__)
 
 
-def restore_trained(module: DQNModule, best: ModelCheckpoint, path: Path) -> None:
+def restore_trained(agent: OffPolicyAgent, best: ModelCheckpoint, path: Path) -> None:
     """The state in which training ended, from its last checkpoint: what an interrupted export needs."""
     checkpoint = read_checkpoint(path)
-    module.load_state_dict(checkpoint["state_dict"])
-    module.on_load_checkpoint(checkpoint)
+    agent.load_state_dict(checkpoint["state_dict"])
+    agent.on_load_checkpoint(checkpoint)
     best.load_state_dict(checkpoint["callbacks"][best.state_key])
 
 
-def export_best(module: DQNModule, checkpoint_path: str) -> tuple[nn.Module, str, int]:
+def export_best(agent: OffPolicyAgent, checkpoint_path: str) -> tuple[nn.Module, str, int]:
     """Log the best checkpoint's policy as the MLflow model, stepped by the env steps it was taken at.
 
     Returns the policy, its MLflow model id and those env steps. When the run stops solved, the best
     checkpoint is the evaluation that stopped it. Every run evaluates at least once (at its end).
     """
     checkpoint = read_checkpoint(checkpoint_path, weights_only=True)
-    module.load_state_dict(checkpoint["state_dict"])
+    agent.load_state_dict(checkpoint["state_dict"])
     mlflow.log_artifact(checkpoint_path, "checkpoints")
-    policy = module.policy.cpu().eval()
+    policy = agent.policy.cpu().eval()
     return policy, mlflow_runs.log_policy(policy, step=checkpoint["env_steps"]), checkpoint["env_steps"]
 
 
-def export(cfg: DictConfig, module: DQNModule, best: ModelCheckpoint, last: Path, started: float) -> Score:
+def export(cfg: DictConfig, agent: OffPolicyAgent, best: ModelCheckpoint, last: Path, started: float) -> Score:
     """Everything a run promises once trained: checkpoints, the best policy, its test score, plots."""
     log.info("Exporting to MLflow run %s: checkpoints, policy, test score, plots", mlflow.active_run().info.run_id)
     mlflow.log_artifact(str(last), "checkpoints")
-    policy, model_id, policy_env_steps = export_best(module, best.best_model_path)
+    policy, model_id, policy_env_steps = export_best(agent, best.best_model_path)
     t = cfg.trainer
     log.info("Testing the exported policy on %d episodes, seeds from %d", t.test_episodes, t.test_seed)
     score = score_policy(
@@ -51,9 +51,9 @@ def export(cfg: DictConfig, module: DQNModule, best: ModelCheckpoint, last: Path
     )
     # The policy's own metrics go with its model too, so that the Models tab ranks policies.
     log_new_metrics({**score.metrics("test"), "final/policy_env_steps": policy_env_steps}, model_id=model_id)
-    run_metrics = {"final/env_steps": module.env_steps, "final/wall_seconds": time.perf_counter() - started}
-    if module.solved_env_steps is not None:
-        run_metrics["final/solved_env_steps"] = module.solved_env_steps
+    run_metrics = {"final/env_steps": agent.env_steps, "final/wall_seconds": time.perf_counter() - started}
+    if agent.solved_env_steps is not None:
+        run_metrics["final/solved_env_steps"] = agent.solved_env_steps
     log_new_metrics(run_metrics)
     log_plots(cfg, policy)
     return score

@@ -14,9 +14,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader
 
-from rl_pipeline.agents.dqn.agent import DQNModule
+from rl_pipeline.agents.base import OffPolicyAgent
 from rl_pipeline.errors import TrainingDiverged
-from rl_pipeline.run.build import build_module, solved_return
+from rl_pipeline.run.build import build_agent, solved_return
 from rl_pipeline.run.callbacks import StopWhenSolved
 from rl_pipeline.run.checkpoints import (
     CHECKPOINT_TAG,
@@ -75,9 +75,9 @@ def relied_on(callbacks: dict[str, pl.Callback], name: str, kind: type) -> pl.Ca
     return callback
 
 
-def build_trainer(cfg: DictConfig, module: DQNModule, callbacks: list[pl.Callback]) -> pl.Trainer:
+def build_trainer(cfg: DictConfig, agent: OffPolicyAgent, callbacks: list[pl.Callback]) -> pl.Trainer:
     """Lightning's Trainer, built before the MLflow run exists so that a bad argument opens no run."""
-    schedule = module.schedule
+    schedule = agent.schedule
     check_plain_types(cfg.trainer.lightning, "trainer.lightning")
     return build(
         cfg.trainer.lightning,
@@ -91,7 +91,7 @@ def build_trainer(cfg: DictConfig, module: DQNModule, callbacks: list[pl.Callbac
     )
 
 
-def fit(trainer: pl.Trainer, module: DQNModule, resume_path: Path | None, last: Path) -> None:
+def fit(trainer: pl.Trainer, agent: OffPolicyAgent, resume_path: Path | None, last: Path) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*", PossibleUserWarning)
         # The dataloader only counts iterations; the checkpoint holds the data (buffer, envs).
@@ -99,8 +99,8 @@ def fit(trainer: pl.Trainer, module: DQNModule, resume_path: Path | None, last: 
         warnings.filterwarnings("ignore", ".*exists and is not empty.*")  # it holds the run's lock
         try:
             trainer.fit(
-                module,
-                train_dataloaders=DataLoader(range(module.schedule.iterations), batch_size=None),
+                agent,
+                train_dataloaders=DataLoader(range(agent.schedule.iterations), batch_size=None),
                 val_dataloaders=DataLoader(range(1), batch_size=None),
                 ckpt_path=resume_path,
                 weights_only=False,  # our own checkpoints: they hold the buffer and the envs' state
@@ -125,14 +125,14 @@ def train(cfg: DictConfig) -> float:
     if cfg.resume is not None:
         resume = find_resume_checkpoint(cfg.resume, mlflow_runs.resolved_config(cfg), cfg.logger.experiment_name, uri)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = build_module(cfg)
+    agent = build_agent(cfg)
     # A resumed run keeps writing where it started, so Lightning restores its callbacks' state.
     checkpoint_dir = resume.path.parent if resume else Path(cfg.paths.output_dir) / "checkpoints"
     callbacks = build_callbacks(cfg, checkpoint_dir)
     best = relied_on(callbacks, "best_checkpoint", ModelCheckpoint)  # its best is the policy exported
     last = relied_on(callbacks, "last_checkpoint", ResumableCheckpoint)  # what resume= continues from
     last.run_config = mlflow_runs.resolved_config(cfg)
-    trainer = build_trainer(cfg, module, list(callbacks.values()))
+    trainer = build_trainer(cfg, agent, list(callbacks.values()))
 
     # One process per run (a second resume is refused); from the run's creation on, SIGTERM ends it KILLED.
     lock = RunLock(checkpoint_dir, key="resume" if resume else "hydra.run.dir")
@@ -147,17 +147,17 @@ def train(cfg: DictConfig) -> float:
             trainer.logger = build(cfg.logger, "logger", tracking_uri=uri, run_id=run.info.run_id)
             with mlflow_runs.resumable_on_server_loss(uri, last.path, run.info.run_id):
                 if resume and resume.training_done:
-                    restore_trained(module, best, resume.path)
+                    restore_trained(agent, best, resume.path)
                 else:
                     with sigterm.lightning_fit():
-                        fit(trainer, module, resume and resume.path, last.path)
-                score = export(cfg, module, best, last.path, started)
+                        fit(trainer, agent, resume and resume.path, last.path)
+                score = export(cfg, agent, best, last.path, started)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C or SIGTERM: the run is KILLED, its checkpoint kept
         if run is not None and not in_multirun():  # a sweep says it once for all its jobs
             print(interrupted(run.info.run_id, last), file=sys.stderr)
         raise
 
-    print(summary(run, score, module.env_steps, started, uri))
+    print(summary(run, score, agent.env_steps, started, uri))
     return score.mean
 
 

@@ -1,9 +1,10 @@
 """The training loop, in process: what acts, what learns from what, what an update writes back, when θ⁻ syncs.
 
-Each test fits a real DQNModule with Lightning on CartPole for a few hundred env steps and watches
+Each test fits a real DQN agent with Lightning on CartPole for a few hundred env steps and watches
 it through spies that record and pass everything on unchanged.
 """
 
+import copy
 import csv
 import math
 import random
@@ -19,9 +20,10 @@ from pytorch_lightning.loggers import CSVLogger
 from torch.func import functional_call
 
 from rl_pipeline.agents.evaluation import Score
+from rl_pipeline.agents.noisy import noisy_layers
 from rl_pipeline.envs.make import layers, make_vector_env
 from rl_pipeline.envs.transforms import ObservationStatistics
-from rl_pipeline.run.build import build_module
+from rl_pipeline.run.build import build_agent
 from rl_pipeline.run.checkpoints import AtomicCheckpointIO, read_checkpoint
 from rl_pipeline.run.config import check_settings
 from rl_pipeline.run.export import export_best
@@ -33,8 +35,8 @@ SMALL = (
     "trainer.max_env_steps=1024",
     "collector.env_steps_per_iteration=128",
     "collector.learning_starts=256",
-    "collector.epsilon_fraction=0",  # ε = epsilon_end from the start: the same ε whatever the budget
-    "trainer.updates_per_iteration=3",
+    "exploration.epsilon_fraction=0",  # ε = epsilon_end from the start: the same ε whatever the budget
+    "agent.updates_per_iteration=3",
     "buffer.batch_size=32",
     "trainer.eval_interval_env_steps=512",
     "trainer.eval_episodes=3",
@@ -42,6 +44,7 @@ SMALL = (
     "trainer.lightning.enable_progress_bar=false",
 )
 UPDATES = 7 * 3  # iterations 2..8, 3 updates each
+NOISY = ("network.noisy=true", "exploration=noisy", "~exploration.epsilon_end", "~exploration.epsilon_fraction")
 
 
 def parameters(network: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -52,17 +55,17 @@ def same(a: dict, b: dict) -> bool:
     return all(torch.equal(a[name], b[name]) for name in a)
 
 
-def fit_module(tmp_path, *overrides: str, before_fit=lambda module: None):
+def fit_agent(tmp_path, *overrides: str, before_fit=lambda agent: None):
     """As train() fits: the same parts, callbacks and seeding; a CSV logger in place of MLflow's."""
     cfg = compose_config(*SMALL, *overrides, f"paths.output_dir={tmp_path}")
     check_settings(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = build_module(cfg)
-    before_fit(module)
-    trainer = build_trainer(cfg, module, list(build_callbacks(cfg, tmp_path / "checkpoints").values()))
+    agent = build_agent(cfg)
+    before_fit(agent)
+    trainer = build_trainer(cfg, agent, list(build_callbacks(cfg, tmp_path / "checkpoints").values()))
     trainer.logger = CSVLogger(tmp_path, name="log")
-    fit(trainer, module, None, tmp_path / "checkpoints" / "last.ckpt")
-    return module, trainer
+    fit(trainer, agent, None, tmp_path / "checkpoints" / "last.ckpt")
+    return agent, trainer
 
 
 def logged_rows(trainer) -> list[dict]:
@@ -70,27 +73,32 @@ def logged_rows(trainer) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def record_updates(module, records: list) -> None:
-    """Spy on DQNModule.update: the networks before and after each update, its batch and its output."""
-    update = module.update
+def record_updates(agent, records: list) -> None:
+    """Spy on the agent's learn(): the networks before and after each update, its batch, the loss's output."""
+    learn, loss, outputs = agent.learn, agent.loss, []
 
-    def recording(online, target, batch):
-        before = SimpleNamespace(online=parameters(module.q_network), target=parameters(module.target_network))
-        out, grad_norm = update(online, target, batch)
+    def recording_loss(online, target, batch):
+        outputs.append(loss(online, target, batch))
+        return outputs[-1]
+
+    def recording(batch):
+        before = SimpleNamespace(online=parameters(agent.network), target=parameters(agent.target_network))
+        update = learn(batch)
         records.append(SimpleNamespace(
-            before=before, online=parameters(module.q_network), target=parameters(module.target_network),
-            batch=batch, out=out, grad_norm=grad_norm, num_updates=module.num_updates, env_steps=module.env_steps,
-            priorities=module.buffer.tree[batch.indices.numpy()].copy() if hasattr(module.buffer, "tree") else None,
+            before=before, online=parameters(agent.network), target=parameters(agent.target_network),
+            batch=batch, out=outputs[-1], loss=loss, update=update, num_updates=agent.num_updates,
+            env_steps=agent.env_steps,
+            priorities=agent.buffer.tree[batch.indices.numpy()].copy() if hasattr(agent.buffer, "tree") else None,
         ))
-        return out, grad_norm
+        return update
 
-    module.update = recording
+    agent.loss, agent.learn = recording_loss, recording
 
 
 def test_updates_per_iteration_after_warm_up_and_none_before(tmp_path):
     records = []
-    module, _ = fit_module(tmp_path, before_fit=lambda m: record_updates(m, records))
-    assert module.num_updates == len(records) == UPDATES
+    agent, _ = fit_agent(tmp_path, before_fit=lambda a: record_updates(a, records))
+    assert agent.num_updates == len(records) == UPDATES
     assert [r.num_updates for r in records] == list(range(1, UPDATES + 1))
     # Every update steps the online network; none touches it in place otherwise.
     for r in records:
@@ -101,11 +109,11 @@ def test_updates_per_iteration_after_warm_up_and_none_before(tmp_path):
 def test_the_target_network_is_a_hard_copy_every_interval_updates_and_untouched_between(tmp_path, interval):
     records, initial = [], {}
 
-    def before_fit(module):
-        initial.update(online=parameters(module.q_network), target=parameters(module.target_network))
-        record_updates(module, records)
+    def before_fit(agent):
+        initial.update(online=parameters(agent.network), target=parameters(agent.target_network))
+        record_updates(agent, records)
 
-    module, _ = fit_module(tmp_path, f"trainer.target_sync_interval_updates={interval}", before_fit=before_fit)
+    agent, _ = fit_agent(tmp_path, f"agent.target_sync_interval_updates={interval}", before_fit=before_fit)
     assert same(initial["online"], initial["target"]), "θ⁻ starts as a copy of θ"
     for r in records:
         if r.num_updates % interval == 0:
@@ -118,8 +126,8 @@ def test_the_target_network_is_a_hard_copy_every_interval_updates_and_untouched_
 
 def test_polyak_averaging_moves_the_target_by_tau_at_each_sync(tmp_path):
     records = []
-    fit_module(tmp_path, "trainer.target_sync_interval_updates=2", "trainer.target_sync_tau=0.25",
-               before_fit=lambda m: record_updates(m, records))
+    fit_agent(tmp_path, "agent.target_sync_interval_updates=2", "agent.target_sync_tau=0.25",
+               before_fit=lambda a: record_updates(a, records))
     for r in records:
         for name, target in r.target.items():
             if r.num_updates % 2 == 0:
@@ -134,62 +142,64 @@ def test_each_update_learns_from_the_online_network_against_the_target_network(t
     # The TD errors an update reports, recomputed from the parameters before it: y from θ⁻ (and θ for
     # double DQN's argmax), Q(s, a) from θ. A loss fed the wrong network, or after the step, differs.
     records = []
-    module, _ = fit_module(tmp_path, "trainer.target_sync_interval_updates=1000", f"loss.double_dqn={double_dqn}",
-                           before_fit=lambda m: record_updates(m, records))
-    gamma = module.loss_fn.gamma
+    agent, _ = fit_agent(tmp_path, "agent.target_sync_interval_updates=1000", f"loss.double_dqn={double_dqn}",
+                           before_fit=lambda a: record_updates(a, records))
+    gamma = records[0].loss.gamma
     for r in records:
         b = r.batch
-        q_next_target = functional_call(module.target_network, r.before.target, (b.next_observations,))
+        q_next_target = functional_call(agent.target_network, r.before.target, (b.next_observations,))
         if double_dqn:
-            q_next_online = functional_call(module.q_network, r.before.online, (b.next_observations,))
+            q_next_online = functional_call(agent.network, r.before.online, (b.next_observations,))
             next_value = q_next_target.gather(1, q_next_online.argmax(1, keepdim=True)).squeeze(1)
         else:
             next_value = q_next_target.max(1).values
         y = b.rewards + gamma**b.steps * (1 - b.terminated) * next_value
-        q_taken = functional_call(module.q_network, r.before.online, (b.observations,)).gather(
+        q_taken = functional_call(agent.network, r.before.online, (b.observations,)).gather(
             1, b.actions.unsqueeze(1)).squeeze(1)
-        torch.testing.assert_close(r.out.td_error, (y - q_taken).detach())
+        torch.testing.assert_close(r.out.errors, (y - q_taken).detach())
     assert not same(records[-1].before.online, records[-1].before.target), "θ and θ⁻ apart, or this proves nothing"
 
 
 def test_each_update_writes_its_td_errors_back_as_priorities(tmp_path):
     records = []
-    module, _ = fit_module(tmp_path, "buffer=prioritized", before_fit=lambda m: record_updates(m, records))
-    buffer = module.buffer
+    agent, _ = fit_agent(tmp_path, "buffer=prioritized", before_fit=lambda a: record_updates(a, records))
+    buffer = agent.buffer
     for r in records:
-        expected = (r.out.td_error.abs().double().numpy() + buffer.epsilon) ** buffer.alpha
+        expected = (r.out.errors.abs().double().numpy() + buffer.epsilon) ** buffer.alpha
         last_write = {int(i): p for i, p in zip(r.batch.indices, expected)}  # a repeated index: its last sample
         np.testing.assert_allclose(r.priorities, [last_write[int(i)] for i in r.batch.indices])
         assert not np.allclose(r.priorities, buffer.max_priority), "priorities unchanged since their insertion"
 
 
-def test_the_collector_acts_with_the_online_network(tmp_path):
-    observations = torch.as_tensor(make_vector_env("CartPole-v1", num_envs=8).reset(seed=5)[0])
-    acting = []  # per iteration: Q-values of the network it acted with, of θ and of θ⁻, at that moment
+def test_the_agent_acts_greedily_on_the_online_network_once_warmed_up(tmp_path):
+    acting = []  # per act step after the warm-up: the actions taken, and the greedy ones of θ and of θ⁻ then
 
-    def before_fit(module):
-        collect = module.collector.collect
+    def before_fit(agent):
+        act = agent.act
 
-        def recording(network, store, env_steps):
-            with torch.no_grad():
-                acting.append([net(observations) for net in (network, module.q_network, module.target_network)])
-            return collect(network, store, env_steps)
+        def recording(observations):
+            actions = act(observations)
+            if not agent.collector.warming_up:
+                with torch.no_grad():
+                    greedy = [net(torch.as_tensor(observations)).argmax(1).numpy()
+                              for net in (agent.network, agent.target_network)]
+                acting.append((actions, *greedy))
+            return actions
 
-        module.collector.collect = recording
+        agent.act = recording
 
-    fit_module(tmp_path, "trainer.target_sync_interval_updates=1000", before_fit=before_fit)
-    assert len(acting) == 8
+    fit_agent(tmp_path, "agent.target_sync_interval_updates=1000", "exploration.epsilon_end=0", before_fit=before_fit)
+    assert len(acting) == (1024 - 256) // 4
     for acted, online, _ in acting:
-        torch.testing.assert_close(acted, online)
-    acted, _, target = acting[-1]
-    assert not torch.allclose(acted, target), "θ and θ⁻ apart, or this proves nothing"
+        np.testing.assert_array_equal(acted, online)
+    assert any((acted != target).any() for acted, _, target in acting), "θ and θ⁻ apart, or this proves nothing"
 
 
 class RecordingEvaluator:
-    """Passes every call to the module's evaluator; keeps what it was given and what it returned."""
+    """Passes every call to the agent's evaluator; keeps what it was given and what it returned."""
 
-    def __init__(self, module, probe: torch.Tensor):
-        self.evaluator, self.module, self.probe, self.calls = module.evaluator, module, probe, []
+    def __init__(self, agent, probe: torch.Tensor):
+        self.evaluator, self.agent, self.probe, self.calls = agent.evaluator, agent, probe, []
 
     def __getattr__(self, name):
         return getattr(self.evaluator, name)
@@ -197,9 +207,9 @@ class RecordingEvaluator:
     @torch.no_grad()
     def __call__(self, policy):
         returns = self.evaluator(policy)
-        networks = (policy, self.module.q_network, self.module.target_network)
+        networks = (policy, self.agent.network, self.agent.target_network)
         self.calls.append(SimpleNamespace(
-            q_values=[net(self.probe) for net in networks], returns=returns, env_steps=self.module.env_steps
+            q_values=[net(self.probe) for net in networks], returns=returns, env_steps=self.agent.env_steps
         ))
         return returns
 
@@ -208,11 +218,11 @@ def test_evaluation_scores_the_online_policy_and_logs_its_score_at_its_env_step(
     probe = torch.as_tensor(make_vector_env("CartPole-v1", num_envs=8).reset(seed=5)[0])
     recorders = []
 
-    def before_fit(module):
-        module.evaluator = RecordingEvaluator(module, probe)
-        recorders.append(module.evaluator)
+    def before_fit(agent):
+        agent.evaluator = RecordingEvaluator(agent, probe)
+        recorders.append(agent.evaluator)
 
-    _, trainer = fit_module(tmp_path, "trainer.target_sync_interval_updates=1000", before_fit=before_fit)
+    _, trainer = fit_agent(tmp_path, "agent.target_sync_interval_updates=1000", before_fit=before_fit)
     calls = recorders[0].calls
     evals = [row for row in logged_rows(trainer) if row.get("eval/return_mean")]
     assert [int(row["step"]) for row in evals] == [512, 1024] and len(calls) == 2
@@ -224,26 +234,26 @@ def test_evaluation_scores_the_online_policy_and_logs_its_score_at_its_env_step(
         assert {key: float(row[key]) for key in expected} == expected
 
 
-def record_collections(module, iterations: list) -> None:
+def record_collections(agent, iterations: list) -> None:
     """Spy on Collector.collect: the env steps each iteration asked for and the episodes it saw end."""
-    collect = module.collector.collect
+    collect = agent.collector.collect
 
-    def recording(network, store, env_steps):
-        stats = collect(network, store, env_steps)
-        iterations.append(SimpleNamespace(asked=env_steps, stats=stats, env_steps=module.env_steps))
+    def recording(act, store, env_steps):
+        stats = collect(act, store, env_steps)
+        iterations.append(SimpleNamespace(asked=env_steps, stats=stats, env_steps=agent.env_steps))
         return stats
 
-    module.collector.collect = recording
+    agent.collector.collect = recording
 
 
 def test_each_iteration_logs_what_it_measured_at_its_env_step_in_float64(tmp_path):
     iterations, updates = [], []
 
-    def before_fit(module):
-        record_collections(module, iterations)
-        record_updates(module, updates)
+    def before_fit(agent):
+        record_collections(agent, iterations)
+        record_updates(agent, updates)
 
-    module, trainer = fit_module(tmp_path, "collector.epsilon_end=0.3", "optimizer.lr=0.0007", before_fit=before_fit)
+    agent, trainer = fit_agent(tmp_path, "exploration.epsilon_end=0.3", "optimizer.lr=0.0007", before_fit=before_fit)
     rows = [row for row in logged_rows(trainer) if row.get("train/epsilon")]
     assert [int(row["step"]) for row in rows] == list(range(128, 1025, 128))
     for i, (row, iteration) in enumerate(zip(rows, iterations, strict=True)):
@@ -258,8 +268,8 @@ def test_each_iteration_logs_what_it_measured_at_its_env_step_in_float64(tmp_pat
         for key in ("train/loss", "train/q_mean", "train/grad_norm", "perf/env_steps_per_sec"):
             assert bool(row[key]) == bool(its_updates), f"{key}: logged for an iteration that updated, and only then"
         if its_updates:
-            assert float(row["train/loss"]) == torch.stack([u.out.loss for u in its_updates]).double().mean().item()
-            assert float(row["train/grad_norm"]) == torch.stack([u.grad_norm for u in its_updates]).double().mean().item()
+            assert float(row["train/loss"]) == torch.stack([u.update.loss for u in its_updates]).double().mean().item()
+            assert float(row["train/grad_norm"]) == torch.stack([u.update.grad_norm for u in its_updates]).double().mean().item()
     assert sum(len(it.stats.episode_returns) for it in iterations) > 8, "episodes end in most iterations"
 
 
@@ -272,18 +282,18 @@ def test_evaluations_fall_exactly_every_interval_and_the_budget_is_spent_exactly
 ):
     iterations, recorders = [], []
 
-    def before_fit(module):
-        record_collections(module, iterations)
-        module.evaluator = RecordingEvaluator(module, probe=torch.zeros(1, 4))
-        recorders.append(module.evaluator)
+    def before_fit(agent):
+        record_collections(agent, iterations)
+        agent.evaluator = RecordingEvaluator(agent, probe=torch.zeros(1, 4))
+        recorders.append(agent.evaluator)
 
-    module, trainer = fit_module(
+    agent, trainer = fit_agent(
         tmp_path, f"trainer.max_env_steps={max_env_steps}", f"trainer.eval_interval_env_steps={eval_interval}",
         before_fit=before_fit,
     )
     evaluated = [call.env_steps for call in recorders[0].calls]
     assert evaluated == evaluated_at
-    assert module.env_steps == max_env_steps
+    assert agent.env_steps == max_env_steps
     assert all(it.asked <= 128 for it in iterations), "never more than collector.env_steps_per_iteration"
     assert [it.env_steps for it in iterations if it.asked < 128] == sorted(set(evaluated_at) - set(range(0, 10**6, 128)))
     evals = [int(row["step"]) for row in logged_rows(trainer) if row.get("eval/return_mean")]
@@ -294,15 +304,15 @@ def test_gradients_are_clipped_to_max_grad_norm(tmp_path):
     norms = {}
 
     def record_grad_norms(key):
-        def before_fit(module):
+        def before_fit(agent):
             def hook(optimizer, args, kwargs):
-                grads = [p.grad for p in module.q_network.parameters()]
+                grads = [p.grad for p in agent.network.parameters()]
                 norms.setdefault(key, []).append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
-            module.optimizer.register_step_pre_hook(hook)
+            agent.optimizer.register_step_pre_hook(hook)
         return before_fit
 
-    fit_module(tmp_path / "free", before_fit=record_grad_norms("free"))
-    fit_module(tmp_path / "clipped", "trainer.max_grad_norm=0.05", before_fit=record_grad_norms("clipped"))
+    fit_agent(tmp_path / "free", before_fit=record_grad_norms("free"))
+    fit_agent(tmp_path / "clipped", "agent.max_grad_norm=0.05", before_fit=record_grad_norms("clipped"))
     assert len(norms["clipped"]) == UPDATES
     assert max(norms["clipped"]) <= 0.05 * (1 + 1e-5)
     assert max(norms["free"]) > 0.05, "gradients above the clip, or this proves nothing"
@@ -311,23 +321,22 @@ def test_gradients_are_clipped_to_max_grad_norm(tmp_path):
 def test_normalized_observations_are_stored_raw_and_normalized_with_the_statistics_of_each_update(tmp_path):
     last_update = {}
 
-    def before_fit(module):
-        update, inputs = module.update, []
-        module.q_network.register_forward_pre_hook(lambda net, args: inputs.append(args[0]))
+    def before_fit(agent):
+        prepared, inputs = agent.prepared, []
+        agent.network.register_forward_pre_hook(lambda net, args: inputs.append(args[0]))
 
-        def recording(online, target, batch):
-            inputs.clear()
-            out = update(online, target, batch)
-            last_update.update(batch=batch, inputs=list(inputs))
-            return out
+        def recording(batch):
+            inputs.clear()  # from here on: the network's inputs in this batch's update, and in what acts after it
+            last_update.update(batch=batch, inputs=inputs)  # the batch as the buffer gave it
+            return prepared(batch)
 
-        module.update = recording
+        agent.prepared = recording
 
-    module, _ = fit_module(tmp_path, "transforms=normalize_obs", before_fit=before_fit)
+    agent, _ = fit_agent(tmp_path, "transforms=normalize_obs", before_fit=before_fit)
     # The first stored transitions start from the training envs' first (seeded) observations, raw.
     first = make_vector_env("CartPole-v1", num_envs=4).reset(seed=0)[0]
-    np.testing.assert_array_equal(module.buffer.storage.observations[:4].numpy(), first)
-    stats = next(layer for layer in layers(module.collector.env) if isinstance(layer, ObservationStatistics)).obs_rms
+    np.testing.assert_array_equal(agent.buffer.storage.observations[:4].numpy(), first)
+    stats = next(layer for layer in layers(agent.collector.env) if isinstance(layer, ObservationStatistics)).obs_rms
     assert stats.count > 1024  # every observation since the first reset
     # The last update's Q(s, a) took its batch normalized with the statistics after the last collection.
     raw = last_update["batch"].observations
@@ -339,15 +348,15 @@ def test_normalized_observations_are_stored_raw_and_normalized_with_the_statisti
 
 def stopped_at(tmp_path, solved_return: float) -> tuple[int, bool]:
     """The env step a run with this threshold stopped at, and whether its best checkpoint counts as solved."""
-    module, trainer = fit_module(
+    agent, trainer = fit_agent(
         tmp_path, "trainer.stop_when_solved=true", f"trainer.solved_return={solved_return!r}",
         "trainer.solved_confirm_episodes=0",
     )
-    return module.env_steps, module.evaluator.solved(float(trainer.checkpoint_callback.best_model_score))
+    return agent.env_steps, agent.evaluator.solved(float(trainer.checkpoint_callback.best_model_score))
 
 
 def test_a_run_stops_and_is_solved_when_its_lower_bound_equals_the_threshold(tmp_path):
-    module, trainer = fit_module(tmp_path / "first", "trainer.max_env_steps=512")
+    agent, trainer = fit_agent(tmp_path / "first", "trainer.max_env_steps=512")
     bound = trainer.callback_metrics["eval/return_lower_bound"]
     assert bound.dtype == torch.float64  # as measured, so that ">=" means what it says
     # The same run with the threshold at exactly that bound stops there, solved; a hair above, it goes on.
@@ -357,36 +366,41 @@ def test_a_run_stops_and_is_solved_when_its_lower_bound_equals_the_threshold(tmp
 
 def test_a_run_that_goes_on_after_solving_records_the_first_evaluation_that_solved(tmp_path):
     # Every evaluation passes a threshold of -1000; with stop_when_solved=false the run goes on to its budget.
-    module, _ = fit_module(tmp_path, "trainer.solved_return=-1000", "trainer.solved_confirm_episodes=3")
-    assert (module.solved_env_steps, module.env_steps) == (512, 1024)
-    restored, _ = fit_module(tmp_path / "restored", "trainer.max_env_steps=512")
+    agent, _ = fit_agent(tmp_path, "trainer.solved_return=-1000", "trainer.solved_confirm_episodes=3")
+    assert (agent.solved_env_steps, agent.env_steps) == (512, 1024)
+    restored, _ = fit_agent(tmp_path / "restored", "trainer.max_env_steps=512")
     assert restored.solved_env_steps is None  # CartPole's 475 is out of reach in 512 env steps
     checkpoint = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     restored.on_load_checkpoint(checkpoint)
     assert restored.solved_env_steps == 512  # a resumed export logs it too
 
 
-def build_small_module(tmp_path, *overrides: str):
+def build_small_agent(tmp_path, *overrides: str):
     cfg = compose_config(*SMALL, *overrides, f"paths.output_dir={tmp_path}")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    return build_module(cfg)
+    return build_agent(cfg)
 
 
-def next_iteration(module) -> tuple:
-    """What the module does next: the transitions it collects, a batch it samples, and its three RNG streams."""
+def next_iteration(agent) -> tuple:
+    """What the agent does next: the steps it collects (acting as in training, noise and all), a batch it samples,
+    its three RNG streams and the noise its noisy layers hold then."""
     collected = []
-    module.collector.collect(module.policy, collected.append, 128)
-    batch = module.buffer.sample(module.env_steps)
-    return collected, batch, torch.rand(3), np.random.rand(3), random.random()
+    agent.train()
+    agent.collector.collect(agent.act, collected.append, 128)
+    batch = agent.buffer.sample(agent.env_steps)
+    noise = [layer.weight_epsilon.clone() for layer in noisy_layers(agent)]
+    return collected, batch, torch.rand(3), np.random.rand(3), random.random(), *noise
 
 
-def test_a_module_restored_from_its_checkpoint_goes_on_exactly_as_the_one_that_saved_it(tmp_path):
-    trained, _ = fit_module(tmp_path / "trained")  # last.ckpt is written as training ends
+@pytest.mark.parametrize("overrides", [(), NOISY], ids=["epsilon_greedy", "noisy"])
+def test_an_agent_restored_from_its_checkpoint_goes_on_exactly_as_the_one_that_saved_it(tmp_path, overrides):
+    trained, _ = fit_agent(tmp_path / "trained", *overrides)  # last.ckpt is written as training ends
     checkpoint = read_checkpoint(tmp_path / "trained" / "checkpoints" / "last.ckpt")
     counts = (trained.env_steps, trained.num_updates, trained.buffer.size)
     expected_collected, expected_batch, *expected_draws = next_iteration(trained)
 
-    restored = build_small_module(tmp_path / "restored", "seed=1")  # another seed: nothing matches by chance
+    # Another seed: nothing matches by chance (noisy layers included: other weights, other noise).
+    restored = build_small_agent(tmp_path / "restored", *overrides, "seed=1")
     restored.load_state_dict(checkpoint["state_dict"])
     restored.on_load_checkpoint(checkpoint)
     restored.on_train_batch_start(None, 0)  # where a resuming Lightning restores the RNG streams
@@ -400,19 +414,65 @@ def test_a_module_restored_from_its_checkpoint_goes_on_exactly_as_the_one_that_s
         torch.testing.assert_close(getattr(batch, name), getattr(expected_batch, name), rtol=0, atol=0)
     for got, expected in zip(draws, expected_draws, strict=True):
         np.testing.assert_array_equal(got, expected)
+    assert len(draws) == 3 + 2 * 3 * len(overrides) // len(NOISY)  # three noisy layers each in θ and θ⁻
 
 
 def test_export_logs_the_best_checkpoints_weights_not_the_final_ones(tmp_path, tracking_uri):
-    module = build_small_module(tmp_path)
+    agent = build_small_agent(tmp_path)
     best = {name: weights + 0.5 if weights.is_floating_point() else weights
-            for name, weights in module.state_dict().items()}
+            for name, weights in agent.state_dict().items()}
     path = tmp_path / "best-step=512.ckpt"
     AtomicCheckpointIO().save_checkpoint({"state_dict": best, "env_steps": 512}, path)
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run():
-        policy, model_id, env_steps = export_best(module, str(path))
+        policy, model_id, env_steps = export_best(agent, str(path))
     logged = mlflow.pytorch.load_model(f"models:/{model_id}")
     assert env_steps == 512
     for exported in (policy, logged):  # what is tested, and what is stored
-        weights = {f"q_network.{name.removeprefix('1.')}": w for name, w in exported.named_parameters()}
+        weights = {f"network.{name.removeprefix('1.')}": w for name, w in exported.named_parameters()}
         assert weights.keys() and all(torch.equal(w, best[name]) for name, w in weights.items())
+
+
+def test_noisy_nets_draw_fresh_noise_for_every_update_and_every_act_step_and_none_in_evaluation(tmp_path):
+    def noise(network):
+        return torch.cat([layer.weight_epsilon.flatten() for layer in noisy_layers(network)]).clone()
+
+    at_updates, at_acts, at_evaluations = [], [], []
+
+    def before_fit(agent):
+        loss, act = agent.loss, agent.act
+
+        def recording_loss(online, target, batch):
+            at_updates.append((noise(online), noise(target)))
+            return loss(online, target, batch)
+
+        def recording_act(observations):
+            actions = act(observations)
+            if not agent.collector.warming_up:
+                at_acts.append(noise(agent.network))
+            return actions
+
+        class WatchingEvaluator(RecordingEvaluator):
+            def __call__(self, policy):
+                before = noise(agent.network)
+                mean_network = copy.deepcopy(agent.network).eval()
+                probe = torch.randn(16, 4)
+                with torch.no_grad():
+                    acted_on = policy(probe), mean_network(probe)
+                returns = super().__call__(policy)
+                at_evaluations.append((agent.network.training, before, noise(agent.network), *acted_on))
+                return returns
+
+        agent.loss, agent.act = recording_loss, recording_act
+        agent.evaluator = WatchingEvaluator(agent, probe=torch.zeros(1, 4))
+
+    fit_agent(tmp_path, *NOISY, before_fit=before_fit)
+    assert len(at_updates) == UPDATES and len(at_acts) == (1024 - 256) // 4
+    for (online, target), (next_online, next_target) in zip(at_updates, at_updates[1:]):
+        assert not torch.equal(online, next_online) and not torch.equal(target, next_target)
+    assert not torch.equal(at_updates[0][0], at_updates[0][1]), "θ and θ⁻ draw noise of their own"
+    assert all(not torch.equal(a, b) for a, b in zip(at_acts, at_acts[1:]))
+    assert len(at_evaluations) == 2
+    for training, before, after, evaluated, mean in at_evaluations:
+        assert not training and torch.equal(before, after)  # evaluated in eval mode, its noise untouched
+        torch.testing.assert_close(evaluated, mean, rtol=0, atol=0)  # on the mean weights
