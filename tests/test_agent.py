@@ -6,6 +6,7 @@ it through spies that record and pass everything on unchanged.
 
 import copy
 import csv
+import functools
 import math
 import random
 from types import SimpleNamespace
@@ -177,8 +178,8 @@ def test_the_agent_acts_greedily_on_the_online_network_once_warmed_up(tmp_path):
     def before_fit(agent):
         act = agent.act
 
-        def recording(observations):
-            actions = act(observations)
+        def recording(policy, observations):
+            actions = act(policy, observations)
             if not agent.collector.warming_up:
                 with torch.no_grad():
                     greedy = [net(torch.as_tensor(observations)).argmax(1).numpy()
@@ -386,7 +387,7 @@ def next_iteration(agent) -> tuple:
     its three RNG streams and the noise its noisy layers hold then."""
     collected = []
     agent.train()
-    agent.collector.collect(agent.act, collected.append, 128)
+    agent.collector.collect(functools.partial(agent.act, agent.policy), collected.append, 128)
     batch = agent.buffer.sample(agent.env_steps)
     noise = [layer.weight_epsilon.clone() for layer in noisy_layers(agent)]
     return collected, batch, torch.rand(3), np.random.rand(3), random.random(), *noise
@@ -446,8 +447,8 @@ def test_noisy_nets_draw_fresh_noise_for_every_update_and_every_act_step_and_non
             at_updates.append((noise(online), noise(target)))
             return loss(online, target, batch)
 
-        def recording_act(observations):
-            actions = act(observations)
+        def recording_act(policy, observations):
+            actions = act(policy, observations)
             if not agent.collector.warming_up:
                 at_acts.append(noise(agent.network))
             return actions

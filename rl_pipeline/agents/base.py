@@ -7,6 +7,7 @@ the schedule, checkpoints every state that continuing exactly needs, and logs.
 """
 
 import dataclasses
+import functools
 import random
 import time
 from abc import ABC, abstractmethod
@@ -121,11 +122,11 @@ class OffPolicyAgent(pl.LightningModule, ABC):
         """The chance of a uniformly random action now: every action is one during the warm-up."""
         return 1.0 if self.collector.warming_up else self.exploration.epsilon(self.env_steps)
 
-    def act(self, observations: np.ndarray) -> np.ndarray:
-        """The behaviour policy on a batch of raw observations."""
+    def act(self, policy: nn.Module, observations: np.ndarray) -> np.ndarray:
+        """The behaviour policy on a batch of raw observations, around `policy` (this iteration's)."""
         if not self.collector.warming_up:
             self.exploration.perturb(self.network)
-        return epsilon_greedy(self.policy, observations, self.epsilon, self.collector.num_actions, self.device)
+        return epsilon_greedy(policy, observations, self.epsilon, self.collector.num_actions, self.device)
 
     def store(self, step: VectorStep) -> None:
         transitions = self.n_step_returns(*step)
@@ -187,7 +188,8 @@ class OffPolicyAgent(pl.LightningModule, ABC):
 
     def training_step(self, _batch: int, _batch_idx: int) -> None:
         """One iteration. Lightning's batch only counts iterations: the schedule says what to collect."""
-        stats = self.collector.collect(self.act, self.store, self.schedule.steps_to_collect(self.env_steps))
+        act = functools.partial(self.act, self.policy)  # the policy built once an iteration, not at every step
+        stats = self.collector.collect(act, self.store, self.schedule.steps_to_collect(self.env_steps))
         self.refresh_policy_input()  # now with this iteration's observations
         updates = []
         if not self.collector.warming_up:

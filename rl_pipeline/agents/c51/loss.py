@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rl_pipeline.agents.dqn.loss import LossOutput, next_actions, taken
+from rl_pipeline.agents.dqn.loss import LossOutput, discounts, next_actions, taken
 from rl_pipeline.data.buffers import Batch
 from rl_pipeline.errors import ConfigError
 from rl_pipeline.validation import boolean, positive_int, probability
@@ -60,8 +60,7 @@ class CategoricalLoss:
         support = self.q_values.support
         next_logits = target_network(batch.next_observations)
         a_star = next_actions(self.q_values, network, next_logits, batch, self.double_dqn)
-        discount = self.gamma**batch.steps * (1.0 - batch.terminated)
-        shifted = batch.rewards.unsqueeze(1) + discount.unsqueeze(1) * support
+        shifted = batch.rewards.unsqueeze(1) + discounts(batch, self.gamma).unsqueeze(1) * support
         return project(taken(next_logits, a_star).softmax(dim=-1), shifted, support)
 
     def __call__(self, network: nn.Module, target_network: nn.Module, batch: Batch) -> LossOutput:

@@ -30,6 +30,12 @@ def taken(outputs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     return outputs.gather(1, index).squeeze(1)
 
 
+def discounts(batch: Batch, gamma: float) -> torch.Tensor:
+    """γᵏ (1 − terminated) per sample, k its env steps: what the next state's value counts for (a truncated
+    episode still bootstraps)."""
+    return gamma**batch.steps * (1.0 - batch.terminated)
+
+
 @torch.no_grad()
 def next_actions(
     q_values: nn.Module, online: nn.Module, target_outputs: torch.Tensor, batch: Batch, double_dqn: bool
@@ -51,10 +57,10 @@ class DQNLoss:
 
     @torch.no_grad()
     def td_target(self, q_network: nn.Module, target_network: nn.Module, batch: Batch) -> torch.Tensor:
-        """y = r + γᵏ (1 − terminated) Q⁻(s', a*), k the transition's env steps: a truncated episode still bootstraps."""
+        """y = r + γᵏ (1 − terminated) Q⁻(s', a*)."""
         next_q = target_network(batch.next_observations)
         next_value = taken(next_q, next_actions(self.q_values, q_network, next_q, batch, self.double_dqn))
-        return batch.rewards + self.gamma**batch.steps * (1.0 - batch.terminated) * next_value
+        return batch.rewards + discounts(batch, self.gamma) * next_value
 
     def __call__(self, q_network: nn.Module, target_network: nn.Module, batch: Batch) -> LossOutput:
         td_target = self.td_target(q_network, target_network, batch)

@@ -10,7 +10,7 @@ mean of its quantiles: a* = argmax_a of it, on the target network (or the online
 import torch
 from torch import nn
 
-from rl_pipeline.agents.dqn.loss import LossOutput, next_actions, taken
+from rl_pipeline.agents.dqn.loss import LossOutput, discounts, next_actions, taken
 from rl_pipeline.data.buffers import Batch
 from rl_pipeline.validation import boolean, positive_int, positive_number, probability
 
@@ -48,8 +48,7 @@ class QuantileHuberLoss:
         """T θ_j = r + γᵏ (1 − terminated) θ_j(s', a*), [batch, N]."""
         next_quantiles = target_network(batch.next_observations)
         a_star = next_actions(self.q_values, network, next_quantiles, batch, self.double_dqn)
-        discount = self.gamma**batch.steps * (1.0 - batch.terminated)
-        return batch.rewards.unsqueeze(1) + discount.unsqueeze(1) * taken(next_quantiles, a_star)
+        return batch.rewards.unsqueeze(1) + discounts(batch, self.gamma).unsqueeze(1) * taken(next_quantiles, a_star)
 
     def __call__(self, network: nn.Module, target_network: nn.Module, batch: Batch) -> LossOutput:
         targets = self.target_quantiles(network, target_network, batch)
