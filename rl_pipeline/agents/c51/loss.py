@@ -30,11 +30,20 @@ class CategoricalMean(nn.Module):
 
 def project(probabilities: torch.Tensor, shifted_atoms: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
     """The distribution of mass `probabilities` [batch, N] at `shifted_atoms` [batch, N], clipped to the
-    support's ends and split linearly between the two nearest atoms of `support` [N]."""
-    delta_z = support[1] - support[0]
-    clipped = shifted_atoms.clamp(support[0], support[-1])
-    share = (1 - (clipped.unsqueeze(1) - support.view(1, -1, 1)).abs() / delta_z).clamp(min=0)  # [batch, i, j]
-    return (share * probabilities.unsqueeze(1)).sum(dim=2)
+    support's ends and split linearly between the two nearest atoms of `support` [N, evenly spaced].
+
+    Each mass goes to atoms l and l + 1 with b = (T z − v_min) / Δz in [l, l + 1], l ≤ N − 2, in shares
+    1 − (b − l) and b − l: mass exactly on an atom goes whole to it, where floor(b) and ceil(b) as the
+    two atoms would share it out as 0 and 0.
+    """
+    n = len(support)
+    b = (shifted_atoms.clamp(support[0], support[-1]) - support[0]) / (support[1] - support[0])
+    lower = b.floor().clamp(max=n - 2).long()
+    upper_share = b - lower
+    m = probabilities.new_zeros(len(probabilities), n)
+    m.scatter_add_(1, lower, probabilities * (1 - upper_share))
+    m.scatter_add_(1, lower + 1, probabilities * upper_share)
+    return m
 
 
 class CategoricalLoss:
