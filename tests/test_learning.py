@@ -1,4 +1,5 @@
-"""DQN learns: `+experiment=dqn seed=0` and `+experiment=rainbow_lite seed=0` solve CartPole-v1, and the policies they log hold up."""
+"""DQN learns: `+experiment=dqn`, `rainbow_lite` and `rainbow` (C51 and noisy nets) solve CartPole-v1 with seed 0, and the
+policies they log hold up."""
 
 import mlflow
 import pytest
@@ -11,7 +12,7 @@ FRESH_SEED = 987_654  # no run ever resets an env with these seeds
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("experiment", ["dqn", "rainbow_lite"])
+@pytest.mark.parametrize("experiment", ["dqn", "rainbow_lite", "rainbow"])
 def test_solves_cartpole_and_its_logged_policy_holds_on_fresh_episodes(tmp_path, tracking_uri, experiment):
     result = run_cli(f"+experiment={experiment}", "seed=0", "trainer.lightning.enable_progress_bar=false",
                      cwd=tmp_path, tracking_uri=tracking_uri)
