@@ -21,7 +21,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch.func import functional_call
 
 from rl_pipeline.agents.evaluation import Score
-from rl_pipeline.agents.noisy import noisy_layers
+from rl_pipeline.agents.noisy import noisy_layers, resample_noise
 from rl_pipeline.envs.make import layers, make_vector_env
 from rl_pipeline.envs.transforms import ObservationStatistics
 from rl_pipeline.run.build import build_agent
@@ -418,8 +418,9 @@ def test_an_agent_restored_from_its_checkpoint_goes_on_exactly_as_the_one_that_s
     assert len(draws) == 3 + 2 * 3 * len(overrides) // len(NOISY)  # three noisy layers each in θ and θ⁻
 
 
-def test_export_logs_the_best_checkpoints_weights_not_the_final_ones(tmp_path, tracking_uri):
-    agent = build_small_agent(tmp_path)
+@pytest.mark.parametrize("overrides", [(), NOISY, ("loss=c51",)], ids=["dqn", "noisy", "c51"])
+def test_export_logs_the_best_checkpoints_weights_not_the_final_ones(tmp_path, tracking_uri, overrides):
+    agent = build_small_agent(tmp_path, *overrides)
     best = {name: weights + 0.5 if weights.is_floating_point() else weights
             for name, weights in agent.state_dict().items()}
     path = tmp_path / "best-step=512.ckpt"
@@ -429,9 +430,14 @@ def test_export_logs_the_best_checkpoints_weights_not_the_final_ones(tmp_path, t
         policy, model_id, env_steps = export_best(agent, str(path))
     logged = mlflow.pytorch.load_model(f"models:/{model_id}")
     assert env_steps == 512
+    observations = torch.randn(8, 4)
     for exported in (policy, logged):  # what is tested, and what is stored
         weights = {f"network.{name.removeprefix('1.')}": w for name, w in exported.named_parameters()}
         assert weights.keys() and all(torch.equal(w, best[name]) for name, w in weights.items())
+        # Raw observations to Q-values, on the mean weights of noisy layers, whatever noise they hold
+        resample_noise(exported)
+        q_values = agent.loss.q_values(copy.deepcopy(agent.network).eval()(observations))
+        torch.testing.assert_close(exported(observations), q_values, rtol=0, atol=0)
 
 
 def test_noisy_nets_draw_fresh_noise_for_every_update_and_every_act_step_and_none_in_evaluation(tmp_path):
