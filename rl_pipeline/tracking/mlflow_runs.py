@@ -391,7 +391,7 @@ def log_learning_curve(run_id: str, directory: Path) -> None:
     eval_steps, eval_mean = metric_curve(client, run_id, "eval/return_mean")
     _, eval_std = metric_curve(client, run_id, "eval/return_std")
     curves = [
-        Curve("training episodes (ε-greedy)", train_steps, train_returns),
+        Curve("training episodes (exploring)", train_steps, train_returns),
         Curve("greedy evaluation, mean ± std", eval_steps, eval_mean, eval_mean - eval_std, eval_mean + eval_std),
     ]
     title = client.get_run(run_id).info.run_name
