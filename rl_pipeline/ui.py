@@ -109,9 +109,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"Open {links(uri, args)}", flush=True)
         return
     check_port_free(args.port)
-    # A closed terminal, `timeout` or a service manager stop the server with this process, as Ctrl-C does.
+    # A closed terminal, `timeout` or a service manager stop the server with this process, as Ctrl-C does;
+    # Ctrl-C does even where this process was started with SIGINT ignored (a script's background job).
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, exit_on_signal)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     server = serve(uri, args.port)
     try:
         pages = links(uri, args)  # while the server starts
