@@ -2,7 +2,7 @@
 
     python -m benchmarks.plain_dqn --seed 0 [--result result.json]
 
-The floor under the pipeline: the same hyperparameters (conf/experiment/dqn.yaml, which
+The floor under the pipeline: the same hyperparameters (conf/tuned/dqn/cartpole.yaml, which
 tests/test_benchmarks.py keeps in step with ARGS), the same vector env, the same evaluations and
 stop rule (rl_pipeline.agents.evaluation's, on the same seeds) and the same held-out test. What it leaves
 out is what the pipeline adds: config composition, checkpoints, metrics, the exported model, plots.

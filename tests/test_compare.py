@@ -5,7 +5,6 @@ import mlflow
 import numpy as np
 import pytest
 from mlflow.entities import Metric, Param
-from scipy import stats
 
 from rl_pipeline.compare import main as compare_main
 from rl_pipeline.run.sweeps import swept_keys
@@ -14,39 +13,17 @@ from rl_pipeline.tracking.comparison import (
     SUMMARY_METRICS,
     SWEPT_KEYS_TAG,
     RunRow,
-    aggregate,
+    best_against_runner_up,
     configuration_rows,
     find_runs,
-    interquartile_mean,
     on_grid,
     write_report,
 )
 
 
-def test_interquartile_mean_drops_the_outer_quarters():
-    # 8 seeds: the middle four are 3, 4, 5, 6
-    values = np.array([[1.0], [100], [3], [4], [5], [6], [-50], [8]])
-    assert interquartile_mean(values)[0] == pytest.approx(np.mean([3, 4, 5, 6]))
-
-
 def test_a_stopped_run_holds_its_last_value_on_the_shared_grid():
     curve = on_grid(np.array([10, 20]), np.array([1.0, 2.0]), np.array([5, 10, 15, 20, 30]))
     np.testing.assert_array_equal(curve, [np.nan, 1.0, 1.0, 2.0, 2.0])
-
-
-def test_bootstrap_band_contains_the_center_and_shrinks_with_agreement():
-    rng = np.random.default_rng(0)
-    spread = np.array([[0.0, 10.0], [100.0, 10.0], [50.0, 10.0]])  # seeds disagree at t0, agree at t1
-    center, low, high = aggregate(spread, rng)
-    np.testing.assert_allclose(center, [50.0, 10.0])
-    assert np.all(low <= center) and np.all(center <= high)
-    assert high[0] - low[0] > 30 and high[1] == low[1] == 10.0
-
-
-def test_five_seeds_aggregate_by_interquartile_mean():
-    five = np.array([[0.0], [10.0], [20.0], [30.0], [1000.0]])
-    center, _, _ = aggregate(five, np.random.default_rng(0))
-    assert center[0] == pytest.approx(np.mean([10.0, 20.0, 30.0]))
 
 
 def test_swept_keys_are_the_sweep_overrides_and_the_sweepers_params():
@@ -59,25 +36,37 @@ def run_row(run_id: str, configuration: str, test_return: float, solved_env_step
     return RunRow(run_id, run_id, configuration, "0", test_return, solved_env_steps, 10.0, status)
 
 
-def test_a_configuration_row_holds_its_seeds_mean_spread_interval_solved_fraction_and_median_steps():
+def test_a_configuration_row_holds_its_seeds_iqm_mean_median_intervals_solved_fraction_and_median_steps():
     rows = [
         run_row("a", "lr=1", 500.0, 20_000), run_row("b", "lr=1", 470.0, 30_000), run_row("c", "lr=1", 440.0),
         run_row("d", "lr=1", 499.0, 40_000), run_row("e", "lr=2", 200.0), run_row("f", "lr=2", None, status="FAILED"),
     ]
     best, other = configuration_rows(rows)
     assert (best.configuration, best.runs, best.run_ids) == ("lr=1", 4, "a b c d")
-    assert best.test_return_mean == np.mean([500, 470, 440, 499])
-    assert best.test_return_std == pytest.approx(np.std([500, 470, 440, 499], ddof=1))
-    half_width = stats.t.ppf(0.975, 3) * best.test_return_std / 2  # n = 4 seeds
-    mean = best.test_return_mean
-    assert (best.ci_low, best.ci_high) == pytest.approx((mean - half_width, mean + half_width))
+    assert best.iqm.value == pytest.approx(np.mean([470, 499]))  # 4 seeds: the lowest and highest trimmed
+    assert best.mean.value == pytest.approx(np.mean([500, 470, 440, 499]))
+    assert best.median.value == pytest.approx(484.5)
+    for estimate in (best.iqm, best.mean, best.median):
+        assert 440 <= estimate.low <= estimate.value <= estimate.high <= 500  # never beyond the seeds' returns
     assert best.solved_fraction == 0.75 and best.median_solved_env_steps == 30_000  # over the three that solved
     # One finished run: no interval, no median; the failed run is in no configuration row.
-    assert (other.configuration, other.runs, other.ci_low, other.median_solved_env_steps) == ("lr=2", 1, None, None)
+    assert (other.configuration, other.runs, other.median_solved_env_steps) == ("lr=2", 1, None)
     assert other.metrics("best") == {
-        "best/test_return_mean": 200.0, "best/test_return_std": 0.0, "best/solved_fraction": 0.0, "best/runs": 1.0,
+        "best/test_return_iqm": 200.0, "best/test_return_mean": 200.0, "best/test_return_median": 200.0,
+        "best/solved_fraction": 0.0, "best/runs": 1.0,
     }
     assert set(best.metrics("sweep")) == {f"sweep/{name}" for name in SUMMARY_METRICS}
+
+
+def test_the_best_is_ranked_by_iqm_and_compared_with_the_runner_up():
+    rows = [run_row(f"a{i}", "lr=1", r) for i, r in enumerate([500.0, 500, 500, 10])]  # mean 377.5, IQM 500
+    rows += [run_row(f"b{i}", "lr=2", r) for i, r in enumerate([400.0, 410, 420, 430])]  # mean 415, IQM 415
+    best, runner_up = configuration_rows(rows)
+    assert (best.configuration, runner_up.configuration) == ("lr=1", "lr=2")
+    improvement, verdict = best_against_runner_up([best, runner_up])
+    assert improvement.value == 0.75  # 3 of 4 seeds beat every seed of lr=2
+    assert verdict.startswith("lr=1 is not distinguishable from lr=2")
+    assert best_against_runner_up([best]) == (None, "One configuration: nothing to compare it with.")
 
 
 def a_sweep(client: mlflow.MlflowClient, swept: list[str], children: list[dict[str, str]]) -> str:

@@ -71,3 +71,47 @@ def test_experiment_values_win_over_the_group_defaults(experiment):
 def test_the_epsilon_schedule_follows_the_trainer_budget():
     cfg = compose_config("trainer.max_env_steps=1234")
     assert cfg.exploration.max_env_steps == 1234
+
+
+CLASSIC_ENVS = ("cartpole", "acrobot", "mountain_car", "lunar_lander")
+VALUE_PRESETS = ("dqn", "rainbow_lite", "qrdqn", "c51", "rainbow")
+
+
+def tuned_values(path) -> dict:
+    """A tuned file's settings, after those of the files its defaults list includes (as Hydra merges them)."""
+    tuned = OmegaConf.load(path)
+    merged = OmegaConf.create()
+    for included in tuned.pop("defaults", []):
+        merged.merge_with(tuned_values(CONF_DIR / f"{included.lstrip('/')}.yaml"))
+    return flatten(OmegaConf.to_container(OmegaConf.merge(merged, tuned)))
+
+
+@pytest.mark.parametrize("env", CLASSIC_ENVS)
+@pytest.mark.parametrize("experiment", VALUE_PRESETS)
+def test_every_preset_composes_with_every_env_and_brings_its_tuned_settings(experiment, env):
+    tuned = CONF_DIR / "tuned" / experiment / f"{env}.yaml"
+    assert tuned.exists(), f"no settings for {experiment} on {env}"
+    cfg = compose_config(f"+experiment={experiment}", f"env={env}")
+    for key, value in tuned_values(tuned).items():
+        assert OmegaConf.select(cfg, key) == value, key
+    cfg = compose_config(f"+experiment={experiment}", f"env={env}", "buffer.capacity=1000", "trainer.eval_episodes=2")
+    check_settings(cfg)
+    agent = build_agent(cfg)
+    assert agent.evaluator.screen_env.spec.id == cfg.env.id
+
+
+def test_the_env_choice_picks_its_own_settings_and_an_override_still_wins():
+    cartpole, acrobot = compose_config("+experiment=dqn"), compose_config("+experiment=dqn", "env=acrobot")
+    mountain_car = compose_config("+experiment=dqn", "env=mountain_car")
+    assert (cartpole.optimizer.lr, acrobot.optimizer.lr) == (2.3e-3, 6.3e-4)
+    assert (cartpole.trainer.max_env_steps, mountain_car.trainer.max_env_steps) == (100_000, 120_000)
+    mine = compose_config("+experiment=dqn", "env=acrobot", "optimizer.lr=0.01", "trainer.max_env_steps=20000")
+    assert (mine.optimizer.lr, mine.trainer.max_env_steps, mine.exploration.max_env_steps) == (0.01, 20_000, 20_000)
+    assert mine.buffer.batch_size == acrobot.buffer.batch_size == 128  # the rest still Acrobot's
+
+
+def test_an_env_without_tuned_settings_takes_the_group_defaults():
+    cfg = compose_config("+experiment=dqn_atari")
+    assert not (CONF_DIR / "tuned" / "dqn_atari").exists() and cfg.env.id == "ale_py:ALE/Pong-v5"
+    bare = compose_config("env=acrobot")  # no experiment: nothing tuned
+    assert bare.optimizer.lr == OmegaConf.load(CONF_DIR / "optimizer" / "adam.yaml").lr

@@ -10,14 +10,13 @@ import numpy as np
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
-from rl_pipeline.agents.evaluation import Score
-from rl_pipeline.tracking import mlflow_runs
+from rl_pipeline.tracking import mlflow_runs, statistics
 from rl_pipeline.tracking.plots import Curve, plot_curves
+from rl_pipeline.tracking.statistics import Estimate
 
 EVAL_METRIC = "eval/return_mean"
 RESULT_METRIC = "test/return_mean"  # a run's result: its exported policy's return on held-out seeds
 SOLVED_METRIC = "final/solved_env_steps"
-IQM_MIN_SEEDS = 5
 SWEPT_KEYS_TAG = "swept_keys"  # on a sweep's parent: what the sweep varies, as a JSON list of override keys
 
 
@@ -95,80 +94,96 @@ class RunRow:
 
 @dataclass
 class ConfigurationRow:
-    """One configuration over its seeds: the test return's mean, spread and 95% interval, how often and how fast it solved."""
+    """One configuration over its seeds: the test return's IQM, mean and median with their 95% bootstrap
+    intervals (statistics.py), how often and how fast it solved."""
 
     configuration: str
     runs: int
-    test_return_mean: float
-    test_return_std: float  # sample std over seeds; 0 for one seed
-    ci_low: float | None  # Student's t 95% interval of the mean over seeds; none for one seed
-    ci_high: float | None
+    iqm: Estimate
+    mean: Estimate
+    median: Estimate
     solved_fraction: float
     median_solved_env_steps: float | None  # over the runs that solved
     run_ids: str
+    test_returns: tuple[float, ...]
 
     @classmethod
     def of(cls, label: str, rows: list[RunRow]) -> "ConfigurationRow":
-        score = Score.of(np.array([row.test_return for row in rows]))
-        ci_low, ci_high = score.interval() or (None, None)
+        returns = tuple(row.test_return for row in rows)
+        summary = statistics.summarize([np.array(returns)])
         solved = [row.solved_env_steps for row in rows if row.solved_env_steps is not None]
         return cls(
-            label, score.episodes, score.mean, score.std, ci_low, ci_high,
-            len(solved) / score.episodes, float(np.median(solved)) if solved else None,
-            " ".join(row.run_id for row in rows),
+            label, len(rows), summary["iqm"], summary["mean"], summary["median"],
+            len(solved) / len(rows), float(np.median(solved)) if solved else None,
+            " ".join(row.run_id for row in rows), returns,
         )
 
     def metrics(self, prefix: str) -> dict[str, float]:
         """For a sweep's parent run: what its table sorts by (SUMMARY_METRICS, those that apply)."""
-        metrics = {
-            f"{prefix}/test_return_mean": self.test_return_mean,
-            f"{prefix}/test_return_std": self.test_return_std,
-            f"{prefix}/solved_fraction": self.solved_fraction,
-            f"{prefix}/runs": float(self.runs),
-        }
-        if self.ci_low is not None:
-            metrics |= {f"{prefix}/test_return_ci_low": self.ci_low, f"{prefix}/test_return_ci_high": self.ci_high}
+        metrics = {f"{prefix}/solved_fraction": self.solved_fraction, f"{prefix}/runs": float(self.runs)}
+        for name in statistics.AGGREGATES:
+            estimate = getattr(self, name)
+            metrics[f"{prefix}/test_return_{name}"] = estimate.value
+            if not np.isnan(estimate.low):
+                metrics |= {f"{prefix}/test_return_{name}_low": estimate.low, f"{prefix}/test_return_{name}_high": estimate.high}
         if self.median_solved_env_steps is not None:
             metrics[f"{prefix}/median_solved_env_steps"] = self.median_solved_env_steps
         return metrics
 
+    def cells(self) -> list[str]:
+        estimates = [self.iqm, self.mean, self.median]
+        return [
+            self.configuration, str(self.runs), *(_cell(e.value) for e in estimates),
+            *(f"[{_cell(e.low)}, {_cell(e.high)}]" for e in estimates), _cell(self.solved_fraction),
+            _cell(self.median_solved_env_steps), self.run_ids,
+        ]
+
 
 SUMMARY_METRICS = (
-    "test_return_mean", "test_return_std", "solved_fraction", "runs", "test_return_ci_low", "test_return_ci_high",
-    "median_solved_env_steps",
+    *(f"test_return_{name}{bound}" for name in statistics.AGGREGATES for bound in ("", "_low", "_high")),
+    "solved_fraction", "runs", "median_solved_env_steps",
 )
 
 
 def configuration_rows(rows: list[RunRow]) -> list[ConfigurationRow]:
-    """A row per configuration from its finished runs, best first (highest mean test return, then most often solved)."""
+    """A row per configuration from its finished runs, best first (highest IQM test return, then most often solved)."""
     groups: dict[str, list[RunRow]] = {}
     for row in rows:
         if row.scored:
             groups.setdefault(row.configuration, []).append(row)
     configurations = [ConfigurationRow.of(label, group) for label, group in groups.items()]
-    return sorted(configurations, key=lambda c: (-c.test_return_mean, -c.solved_fraction, c.configuration))
+    return sorted(configurations, key=lambda c: (-c.iqm.value, -c.solved_fraction, c.configuration))
+
+
+def best_against_runner_up(configurations: list[ConfigurationRow]) -> tuple[Estimate | None, str]:
+    """The probability that a run of the best configuration beats one of the runner-up, and what it says."""
+    if len(configurations) < 2:
+        return None, "One configuration: nothing to compare it with."
+    best, runner_up = configurations[:2]
+    improvement = statistics.probability_of_improvement(best.test_returns, runner_up.test_returns)
+    return improvement, statistics.verdict(best.configuration, runner_up.configuration, improvement)
 
 
 RUN_COLUMNS = ("run id", "run", "configuration", "seed", "test return", "env steps to solve", "wall s", "status")
 CONFIGURATION_COLUMNS = (
-    "configuration", "runs", "test return mean", "test return std", "95% CI low", "95% CI high", "solved fraction",
-    "median env steps to solve", "run ids",
+    "configuration", "runs", "test return IQM", "mean", "median", "IQM 95% CI", "mean 95% CI", "median 95% CI",
+    "solved fraction", "median env steps to solve", "run ids",
 )
 
 
 def _cell(value) -> str:
-    if value is None:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
         return "-"
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
-def write_tables(configurations: list[ConfigurationRow], runs: list[RunRow], directory: Path) -> list[Path]:
-    """configurations.csv, runs.csv, and both tables in comparison.md."""
+def write_tables(configurations: list[ConfigurationRow], runs: list[RunRow], directory: Path, verdict: str) -> list[Path]:
+    """configurations.csv, runs.csv, and both tables in comparison.md under the verdict on the best."""
     tables = {
-        "configurations": (CONFIGURATION_COLUMNS, [[_cell(v) for v in vars(row).values()] for row in configurations]),
+        "configurations": (CONFIGURATION_COLUMNS, [row.cells() for row in configurations]),
         "runs": (RUN_COLUMNS, [[_cell(v) for v in vars(row).values()] for row in runs]),
     }
-    paths, lines = [], []
+    paths, lines = [], [verdict, ""]
     for name, (columns, cells) in tables.items():
         path = directory / f"{name}.csv"
         with path.open("w", newline="") as f:
@@ -181,22 +196,6 @@ def write_tables(configurations: list[ConfigurationRow], runs: list[RunRow], dir
     return [markdown, *paths]
 
 
-def interquartile_mean(values: np.ndarray, axis: int = 0) -> np.ndarray:
-    """Mean of the middle 50% along `axis` (rliable's IQM): robust to one outlying seed."""
-    ordered = np.sort(values, axis=axis)
-    n = values.shape[axis]
-    return np.take(ordered, np.arange(n // 4, n - n // 4), axis=axis).mean(axis=axis)
-
-
-def aggregate(curves: np.ndarray, rng: np.random.Generator, resamples: int = 2000) -> tuple[np.ndarray, ...]:
-    """Center (IQM from 5 seeds, else mean) and its 95% bootstrap band, over seeds (axis 0)."""
-    statistic = interquartile_mean if len(curves) >= IQM_MIN_SEEDS else np.mean
-    picks = rng.integers(len(curves), size=(resamples, len(curves)))
-    boot = np.stack([statistic(curves[p], axis=0) for p in picks])
-    low, high = np.percentile(boot, [2.5, 97.5], axis=0)
-    return statistic(curves, axis=0), low, high
-
-
 def on_grid(steps: np.ndarray, values: np.ndarray, grid: np.ndarray) -> np.ndarray:
     """A run's curve on a shared grid: its last value holds after it stopped (solved runs stay solved)."""
     index = np.searchsorted(steps, grid, side="right") - 1
@@ -207,15 +206,13 @@ def aggregated_curves(client: mlflow.MlflowClient, runs: list[Run], keys: list[s
     groups: dict[str, list] = {}
     for run in runs:
         groups.setdefault(configuration(run, keys), []).append(mlflow_runs.metric_curve(client, run.info.run_id, EVAL_METRIC))
-    rng = np.random.default_rng(0)
     curves = []
     for label, seed_curves in sorted(groups.items()):
         grid = np.unique(np.concatenate([steps for steps, _ in seed_curves]))
         stacked = np.stack([on_grid(steps, values, grid) for steps, values in seed_curves])
         started = ~np.isnan(stacked).any(axis=0)  # where every seed has been evaluated
-        center, low, high = aggregate(stacked[:, started], rng)
-        stat = "IQM" if len(seed_curves) >= IQM_MIN_SEEDS else "mean"
-        curves.append(Curve(f"{label} ({stat} of {len(seed_curves)})", grid[started], center, low, high))
+        center, low, high = statistics.band(stacked[:, started])
+        curves.append(Curve(f"{label} (IQM of {len(seed_curves)})", grid[started], center, low, high))
     return curves
 
 
@@ -223,6 +220,8 @@ def aggregated_curves(client: mlflow.MlflowClient, runs: list[Run], keys: list[s
 class Report:
     configurations: list[ConfigurationRow]  # best first
     runs: list[RunRow]
+    improvement: Estimate | None  # P(a run of the best beats one of the runner-up)
+    verdict: str
     paths: list[Path]  # comparison.md, configurations.csv, runs.csv, comparison.png
 
 
@@ -233,5 +232,7 @@ def write_report(client: mlflow.MlflowClient, runs: list[Run], keys: list[str], 
     configurations = configuration_rows(rows)
     finished = [run for run in runs if run.info.status == "FINISHED"]
     plot = plot_curves(aggregated_curves(client, finished, keys), directory / "comparison.png", title)
-    return Report(configurations, rows, [*write_tables(configurations, rows, directory), plot])
+    improvement, verdict = best_against_runner_up(configurations)
+    tables = write_tables(configurations, rows, directory, verdict)
+    return Report(configurations, rows, improvement, verdict, [*tables, plot])
 
