@@ -1,12 +1,18 @@
-"""The benchmark compares like with like: its plain loop runs experiment=dqn's settings, its ratios are the figures'."""
+"""The benchmarks compare like with like: the plain loop runs experiment=dqn's settings, the ratios are the figures',
+and the env benchmark's table holds its runs' own results."""
 
 import dataclasses
+import json
+from pathlib import Path
 
+import mlflow
+import numpy as np
 import pytest
-from conftest import compose_config
+from conftest import TINY_RUN, compose_config, run_module
 from omegaconf import OmegaConf
 
 from benchmarks import plain_dqn, speed
+from rl_pipeline.tracking.comparison import sweep_children
 from rl_pipeline.run.build import solved_return
 
 # plain_dqn.Args field -> the key of the composed config that it mirrors
@@ -56,3 +62,29 @@ def test_ratios_are_per_seed_and_of_the_medians():
     assert ratios["A dqn / C plain"]["per_seed"] == {0: 1.25, 1: 1.5, 2: 2.0}
     assert figures["medians"]["B sb3"]["wall_s"] == 40
     assert "| A dqn / C plain | 0: 1.25, 1: 1.50, 2: 2.00 | 1.50 | 2.00 |" in text
+
+
+@pytest.mark.slow
+def test_the_env_benchmark_tables_each_preset_on_each_env_over_seeds_and_files_it_on_the_sweep(tmp_path, tracking_uri):
+    out = tmp_path / "bench"
+    result = run_module("benchmarks.envs", "--presets", "dqn", "rainbow_lite", "--envs", "cartpole", "--seeds", "0", "1",
+                        "--out", str(out), *TINY_RUN, "trainer.test_episodes=5", tracking_uri=tracking_uri,
+                        cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = json.loads((out / "results.json").read_text())
+    client = mlflow.MlflowClient(tracking_uri)
+    children = sweep_children(client, client.get_run(figures["sweep_id"]))
+    assert len(children) == 4 and {run.info.status for run in children} == {"FINISHED"}
+    rows = figures["rows"]
+    assert [(row["env"], row["preset"], row["seeds"]) for row in rows] == [
+        ("CartPole-v1", "dqn", [0, 1]), ("CartPole-v1", "rainbow_lite", [0, 1])]
+    for row in rows:
+        returns = sorted(run.data.metrics["test/return_mean"] for run in children
+                         if run.data.params["experiment"] == row["preset"])
+        assert sorted(row["test_returns"]) == returns
+        assert row["iqm"]["value"] == pytest.approx(np.mean(returns))  # two seeds: nothing trimmed
+        assert row["iqm"]["low"] >= returns[0] and row["iqm"]["high"] <= returns[1]
+        assert row["env_steps"] == 1024 and row["met"] is False and row["zoo_dqn"] == 500.0
+        assert f"| CartPole-v1 | {row['preset']} | 2 | 1,024 |" in result.stdout
+    filed = {artifact.path for artifact in client.list_artifacts(figures["sweep_id"], "benchmark")}
+    assert filed == {"benchmark/results.md", "benchmark/results.json", "benchmark/CartPole-v1.png"}

@@ -92,6 +92,14 @@ def test_a_sweep_pools_its_seeds_into_one_row_per_configuration(tmp_path, tracki
     assert [(row.configuration, row.runs) for row in report.configurations] == [
         ("optimizer.lr=0.01", 3), ("optimizer.lr=0.001", 3)
     ]
+    # The children's test returns are their numbers: 0, 1, 2 for lr=0.001 and 3, 4, 5 for lr=0.01.
+    with open(tmp_path / "configurations.csv") as configurations_csv:
+        best, runner_up = csv.DictReader(configurations_csv)
+    assert (float(best["test return IQM"]), float(best["median"]), float(runner_up["mean"])) == (4.0, 4.0, 1.0)
+    assert 3.0 <= float(best["IQM 95% low"]) <= 4.0 <= float(best["IQM 95% high"]) <= 5.0
+    assert report.improvement.value == 1.0  # every lr=0.01 run beats every lr=0.001 run
+    assert (tmp_path / "comparison.md").read_text().startswith(
+        "optimizer.lr=0.01 beats optimizer.lr=0.001: P(improvement) 1 [1, 1], its interval above 0.5.")
 
 
 def test_compare_reads_every_child_past_mlflows_page_of_1000_runs(tmp_path, tracking_uri, monkeypatch):

@@ -146,7 +146,7 @@ class MLflowSweep(Callback):
         best = report.configurations[0]
         metrics = {**comparison.ConfigurationRow.of("sweep", scored).metrics("sweep"), **best.metrics("best")}
         if report.improvement is not None:
-            metrics["best/probability_of_improvement"] = report.improvement.value
+            metrics[comparison.IMPROVEMENT_METRIC] = report.improvement.value
         client.set_tag(self.parent_run_id, "best_verdict", report.verdict)
         client.log_batch(self.parent_run_id, metrics=[Metric(key, value, now_ms(), 0) for key, value in metrics.items()])
         best_run = max((row for row in scored if row.configuration == best.configuration), key=lambda row: row.test_return)

@@ -17,6 +17,7 @@ from rl_pipeline.tracking.statistics import Estimate
 EVAL_METRIC = "eval/return_mean"
 RESULT_METRIC = "test/return_mean"  # a run's result: its exported policy's return on held-out seeds
 SOLVED_METRIC = "final/solved_env_steps"
+IMPROVEMENT_METRIC = "best/probability_of_improvement"  # on a sweep's parent: P(a best run beats a runner-up run)
 SWEPT_KEYS_TAG = "swept_keys"  # on a sweep's parent: what the sweep varies, as a JSON list of override keys
 
 
@@ -131,10 +132,9 @@ class ConfigurationRow:
         return metrics
 
     def cells(self) -> list[str]:
-        estimates = [self.iqm, self.mean, self.median]
+        estimates = (_cell(value) for name in statistics.AGGREGATES for value in vars(getattr(self, name)).values())
         return [
-            self.configuration, str(self.runs), *(_cell(e.value) for e in estimates),
-            *(f"[{_cell(e.low)}, {_cell(e.high)}]" for e in estimates), _cell(self.solved_fraction),
+            self.configuration, str(self.runs), *estimates, _cell(self.solved_fraction),
             _cell(self.median_solved_env_steps), self.run_ids,
         ]
 
@@ -166,8 +166,8 @@ def best_against_runner_up(configurations: list[ConfigurationRow]) -> tuple[Esti
 
 RUN_COLUMNS = ("run id", "run", "configuration", "seed", "test return", "env steps to solve", "wall s", "status")
 CONFIGURATION_COLUMNS = (
-    "configuration", "runs", "test return IQM", "mean", "median", "IQM 95% CI", "mean 95% CI", "median 95% CI",
-    "solved fraction", "median env steps to solve", "run ids",
+    "configuration", "runs", "test return IQM", "IQM 95% low", "IQM 95% high", "mean", "mean 95% low", "mean 95% high",
+    "median", "median 95% low", "median 95% high", "solved fraction", "median env steps to solve", "run ids",
 )
 
 

@@ -37,6 +37,7 @@ NOT_CHARTED = [
     "system/disk_usage_percentage", "system/disk_available_megabytes", "system/network_receive_megabytes",
     "system/network_transmit_megabytes", "system/system_memory_usage_percentage",
     *(f"{scope}/{name}" for scope in ("sweep", "best") for name in comparison.SUMMARY_METRICS),  # a sweep parent's
+    comparison.IMPROVEMENT_METRIC,
 ]
 RESULT_COLUMNS = ["test/return_mean", "test/return_lower_bound", "final/solved_env_steps", "final/wall_seconds"]
 
