@@ -97,6 +97,11 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def env_order(env_id: str) -> int:
+    """The table's order: CartPole, Acrobot, MountainCar, LunarLander, then any other env."""
+    return list(REFERENCE).index(env_id) if env_id in REFERENCE else len(REFERENCE)
+
+
 def report(client: mlflow.MlflowClient, sweep_id: str, out: Path) -> list[dict]:
     """The table and the plots of the sweep's finished runs, in `out` and on the parent run."""
     children = comparison.sweep_children(client, client.get_run(sweep_id))
@@ -105,7 +110,7 @@ def report(client: mlflow.MlflowClient, sweep_id: str, out: Path) -> list[dict]:
     for run in finished:
         by_env.setdefault(run.data.params["env.id"], []).append(run)
     rows, paths = [], []
-    for env_id, runs in by_env.items():
+    for env_id, runs in sorted(by_env.items(), key=lambda item: env_order(item[0])):
         by_preset: dict[str, list] = {}
         for run in runs:
             by_preset.setdefault(run.data.params["experiment"], []).append(run)
