@@ -68,13 +68,14 @@ def run_sweep(command: list[str], log: Path) -> str:
 def result_row(env_id: str, preset: str, runs: list) -> dict:
     returns = np.array([run.data.metrics[comparison.RESULT_METRIC] for run in runs])
     reference = REFERENCE.get(env_id, {})
-    iqm = statistics.summarize([returns])["iqm"]
+    summary = statistics.summarize([returns])
     return {
         "env": env_id, "preset": preset, "seeds": sorted(int(run.data.params["seed"]) for run in runs),
         "test_returns": returns.tolist(),
         "env_steps": float(np.mean([run.data.metrics.get("final/env_steps", np.nan) for run in runs])),
-        **{name: vars(estimate) for name, estimate in statistics.summarize([returns]).items()},
-        "target": reference.get("target"), "met": None if "target" not in reference else bool(iqm.value >= reference["target"]),
+        **{name: vars(estimate) for name, estimate in summary.items()},
+        "target": reference.get("target"),
+        "met": None if "target" not in reference else bool(summary["iqm"].value >= reference["target"]),
         **{key: reference.get(key) for key in ("zoo_dqn", "zoo_qrdqn", "cleanrl_dqn")},
     }
 

@@ -48,18 +48,25 @@ def _pooled(statistic: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
     return lambda *tasks, axis=-1: statistic(np.concatenate(tasks, axis=axis), axis=axis)
 
 
+def _percentile_interval(samples, statistic: Callable[..., np.ndarray], axis: int = -1) -> tuple:
+    """The 95% percentile-bootstrap interval of `statistic`, each sample resampled on its own."""
+    result = stats.bootstrap(
+        samples, statistic, paired=False, vectorized=True, axis=axis, n_resamples=RESAMPLES,
+        confidence_level=CONFIDENCE, method="percentile", rng=np.random.default_rng(SEED),
+    )
+    return result.confidence_interval.low, result.confidence_interval.high
+
+
 def bootstrap(statistic: Callable[..., np.ndarray], tasks: Sequence[np.ndarray]) -> Estimate:
     """`statistic` of the pooled scores with its stratified-bootstrap interval; `tasks`: each task's runs."""
     tasks = [np.asarray(task, dtype=float) for task in tasks]
     value = float(_pooled(statistic)(*tasks))
-    if min(len(task) for task in tasks) < 2 or np.ptp(np.concatenate(tasks)) == 0:
-        nan = float("nan") if min(len(task) for task in tasks) < 2 else value
-        return Estimate(value, nan, nan)
-    result = stats.bootstrap(
-        tasks, _pooled(statistic), paired=False, vectorized=True, n_resamples=RESAMPLES,
-        confidence_level=CONFIDENCE, method="percentile", rng=np.random.default_rng(SEED),
-    )
-    return Estimate(value, float(result.confidence_interval.low), float(result.confidence_interval.high))
+    if min(len(task) for task in tasks) < 2:
+        return Estimate(value, float("nan"), float("nan"))
+    if np.ptp(np.concatenate(tasks)) == 0:  # every run the same: a point, which the bootstrap cannot resample
+        return Estimate(value, value, value)
+    low, high = _percentile_interval(tasks, _pooled(statistic))
+    return Estimate(value, float(low), float(high))
 
 
 def summarize(tasks: Sequence[np.ndarray]) -> dict[str, Estimate]:
@@ -79,11 +86,7 @@ def probability_of_improvement(x: Sequence[float], y: Sequence[float]) -> Estima
     value = float(_improvement(x, y))
     if min(len(x), len(y)) < 2:
         return Estimate(value, float("nan"), float("nan"))
-    result = stats.bootstrap(
-        (x, y), _improvement, paired=False, vectorized=True, n_resamples=RESAMPLES,
-        confidence_level=CONFIDENCE, method="percentile", rng=np.random.default_rng(SEED),
-    )
-    low, high = result.confidence_interval
+    low, high = _percentile_interval((x, y), _improvement)
     return Estimate(value, float(np.nan_to_num(low, nan=value)), float(np.nan_to_num(high, nan=value)))
 
 
@@ -104,9 +107,5 @@ def band(curves: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     center = iqm(curves, axis=0)
     if len(curves) < 2:
         return center, center, center
-    result = stats.bootstrap(
-        (curves,), iqm, axis=0, vectorized=True, n_resamples=RESAMPLES, confidence_level=CONFIDENCE,
-        method="percentile", rng=np.random.default_rng(SEED),
-    )
-    low, high = result.confidence_interval
+    low, high = _percentile_interval((curves,), iqm, axis=0)
     return center, np.where(np.isnan(low), center, low), np.where(np.isnan(high), center, high)
