@@ -128,6 +128,14 @@ def report(client: mlflow.MlflowClient, sweep_id: str, out: Path) -> list[dict]:
     return rows
 
 
+def output_folder(out: Path) -> Path:
+    """`out`, made and absolute; the runs' MLflow store in it unless MLFLOW_TRACKING_URI names one."""
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=list(PRESETS))
@@ -137,9 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/envs"))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. trainer.test_episodes=20")
     args = parser.parse_args(argv)
-    args.out = args.out.resolve()
-    args.out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{args.out / 'mlflow.db'}")
+    args.out = output_folder(args.out)
     sweep_id = run_sweep(sweep_command(args), args.out / "sweep.log")
     report(mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]), sweep_id, args.out)
 

@@ -56,6 +56,16 @@ def postgres(port: int | None = None) -> Iterator[str]:
         shutil.rmtree(home, ignore_errors=True)
 
 
+def create_database(url: str, name: str) -> str:
+    """A new database on the PostgreSQL server of `url` (a SQLAlchemy URI); its SQLAlchemy URI."""
+    import psycopg
+
+    server = url.replace("postgresql+psycopg://", "postgresql://", 1)
+    with psycopg.connect(server, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    return url.rsplit("/", 1)[0] + f"/{name}"
+
+
 def answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2):

@@ -26,6 +26,16 @@ TINY_RUN = (
     "trainer.lightning.enable_progress_bar=false",
 )
 
+SEARCH = ("+experiment=dqn", "+hparams_search=dqn_optuna")
+# A search where pruning must happen: one learning rate learns CartPole's first steps, the other cannot move;
+# seed 7 asks for it twice, then twice for the one that cannot (so in the second batch of two).
+LEARNS, CANNOT = 2.3e-3, 1e-7
+PRUNABLE = (*SEARCH, f"optimizer.lr=choice({CANNOT},{LEARNS})", "buffer.batch_size=64",
+            "agent.target_sync_interval_updates=32", "exploration.epsilon_fraction=0.1", "network.hidden_sizes=[64,64]",
+            "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=7", "hydra.sweeper.pruner.n_startup_trials=1",
+            "trainer.max_env_steps=3072", "trainer.eval_interval_env_steps=1024", "trainer.eval_episodes=5",
+            "trainer.test_episodes=5", "collector.learning_starts=256", "trainer.lightning.enable_progress_bar=false")
+
 
 def compose_config(*overrides: str):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -106,6 +116,14 @@ def mlflow_server(tmp_path):
     """A real `mlflow server` on 127.0.0.1 with a temp SQLite store and artifact folder."""
     with mlflow_server_process(tmp_path / "server.db", free_port()) as base:
         yield base
+
+
+def parent_and_children(runs):
+    """The one sweep parent among `runs`, and its children."""
+    parents = [run for run in runs if run.data.tags.get("sweep_role") == "parent"]
+    assert len(parents) == 1
+    (parent,) = parents
+    return parent, [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
 
 
 def all_runs(tracking_uri: str) -> list:

@@ -10,9 +10,10 @@ Elsewhere these tests are skipped, naming the extra they need.
 import itertools
 
 import mlflow
+import optuna
 import pytest
 import torch
-from conftest import TINY_RUN, all_runs, run_module
+from conftest import PRUNABLE, TINY_RUN, all_runs, run_module
 
 from benchmarks import services
 
@@ -25,12 +26,25 @@ def needs(plugin: str, extra: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def lab_server(tmp_path_factory):
-    """A real `mlflow server` (2 workers) on a real PostgreSQL database, with an artifact root: a lab's server."""
+def lab_database():
+    """A real PostgreSQL server: its first database's SQLAlchemy URI."""
     pytest.importorskip("psycopg", reason="needs pip install -e '.[postgres]'")
+    with services.postgres() as database:
+        yield database
+
+
+@pytest.fixture(scope="module")
+def lab_server(tmp_path_factory, lab_database):
+    """A real `mlflow server` (2 workers) on the PostgreSQL database, with an artifact root: a lab's server."""
     artifacts = tmp_path_factory.mktemp("lab") / "artifacts"
-    with services.postgres() as database, services.mlflow_server(database, artifacts, workers=2) as url:
+    with services.mlflow_server(lab_database, artifacts, workers=2) as url:
         yield url
+
+
+@pytest.fixture
+def study_storage(lab_database, request):
+    """A database of its own on the lab's PostgreSQL server, for one test's Optuna studies."""
+    return services.create_database(lab_database, f"optuna_{request.node.callspec.id}")
 
 
 @pytest.fixture
@@ -111,6 +125,33 @@ def test_eight_jobs_logging_at_once_to_the_postgres_backed_server_lose_nothing(t
             steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
             assert len(steps) == logged and len(set(steps)) == logged, (key, steps)
     assert sorted(run.data.params["seed"] for run in children) == [str(seed) for seed in range(8)]
+
+
+@pytest.mark.parametrize("launcher", [
+    pytest.param(("ray", "hydra_ray_launcher", "ray"), marks=pytest.mark.ray, id="ray"),
+    pytest.param(("submitit_local", "hydra_submitit_launcher", "slurm"), marks=pytest.mark.submitit, id="submitit"),
+])
+def test_an_optuna_search_prunes_across_the_launchers_jobs_with_its_study_in_postgres(
+    tmp_path, lab_server, study_storage, launcher, request
+):
+    name, plugin, extra = launcher
+    needs(plugin, extra)
+    where = [f"hydra.launcher.ray.init.address={request.getfixturevalue('ray_cluster')}"] if name == "ray" else [
+        "hydra.launcher.cpus_per_task=1"]
+    run_sweep(f"hydra/launcher={name}", *where, *PRUNABLE, "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2",
+              f"hydra.sweeper.storage={study_storage}", experiment=f"search-{name}", server=lab_server, cwd=tmp_path)
+
+    client, parent, children = sweep_in_store(lab_server, f"search-{name}", jobs=4)
+    assert parent.data.tags["optuna.storage"] == study_storage
+    study = optuna.load_study(study_name=parent.data.tags["optuna.study_name"], storage=study_storage)
+    states = {trial.number: trial.state.name for trial in study.trials}
+    assert states == {int(run.data.tags["optuna.trial_number"]): run.data.tags["optuna.trial_state"] for run in children}
+    assert "PRUNED" in states.values() and "COMPLETE" in states.values()
+    assert all(run.data.tags["torch_threads"] == "1" for run in children)
+    for run in children:  # each job reported its evaluations to its trial from where the launcher ran it
+        trial = study.trials[int(run.data.tags["optuna.trial_number"])]
+        assert sorted(trial.intermediate_values) == [m.step for m in client.get_metric_history(
+            run.info.run_id, "eval/return_lower_bound")]
 
 
 def test_a_launcher_whose_plugin_is_missing_is_one_line_naming_its_extra(tmp_path, tracking_uri):

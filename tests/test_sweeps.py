@@ -12,7 +12,14 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from conftest import TINY_RUN, all_runs, read_until, run_module, start_module
+from conftest import (
+    TINY_RUN,
+    all_runs,
+    parent_and_children,
+    read_until,
+    run_module,
+    start_module,
+)
 
 from rl_pipeline import compare
 
@@ -26,14 +33,6 @@ def run_sweep(*args: str, cwd: Path, tracking_uri: str | None = None, returncode
     result = run_module("rl_pipeline", "-m", *args, cwd=cwd, tracking_uri=tracking_uri)
     assert result.returncode == returncode, result.stderr[-3000:]
     return result
-
-
-def parent_and_children(runs):
-    parents = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
-    assert len(parents) == 1
-    (parent,) = parents
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    return parent, children
 
 
 def stem(run) -> str:
@@ -208,17 +207,22 @@ def test_a_diverging_job_under_joblib_leaves_its_sibling_training_to_the_end(tmp
     assert parent.data.tags["best_run_id"] == sibling.info.run_id
 
 
-def test_optuna_goes_on_past_a_diverging_trial_and_picks_the_best_finished_one(tmp_path, tracking_uri):
+def test_optuna_goes_on_past_diverging_trials_as_fail_trials(tmp_path, tracking_uri):
     result = run_sweep("+experiment=dqn", "+hparams_search=dqn_optuna", "hydra.sweeper.n_trials=3", "loss.loss=mse",
                        "optimizer.lr=choice(1e30,0.001)", *TINY_RUN, cwd=tmp_path, tracking_uri=tracking_uri, returncode=1)
     assert "Traceback" not in result.stderr
     parent, children = parent_and_children(all_runs(tracking_uri))
-    assert len(children) == 3  # the search went on after the failed trial
     failed = [run for run in children if run.info.status == "FAILED"]
     finished = [run for run in children if run.info.status == "FINISHED"]
-    assert failed and finished and len(failed) + len(finished) == 3
+    assert failed and finished and len(children) == len(finished) + len(failed)
+    # It asks until n_trials trials complete, or as many fail.
+    assert len(finished) == 3 or len(failed) == 3
+    number = {run.info.run_id: int(run.data.tags["optuna.trial_number"]) for run in children}
+    assert max(number[run.info.run_id] for run in finished) > min(number[run.info.run_id] for run in failed)  # went on
     assert all(run.data.tags["error"].startswith("TrainingDiverged: loss is") for run in failed)
+    assert all(run.data.tags["optuna.trial_state"] == "FAIL" and run.data.params["optimizer.lr"] == "1e+30" for run in failed)
     assert parent.data.tags["best_run_id"] in {run.info.run_id for run in finished}
+    assert parent.data.metrics["optuna/trials_failed"] == len(failed)
 
 
 @pytest.mark.parametrize("launcher", [("hydra/launcher=joblib", "hydra.launcher.n_jobs=2"), ()], ids=["joblib", "basic"])
@@ -248,3 +252,33 @@ def test_ctrl_c_on_a_sweep_ends_its_running_jobs_killed_and_says_how_to_resume_i
     resumed = run_module(*command[2:], f"hydra.run.dir={tmp_path / 'resumed'}", cwd=tmp_path, tracking_uri=tracking_uri)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert mlflow.MlflowClient(tracking_uri).get_run(command[-1].removeprefix("resume=")).info.status == "FINISHED"
+
+
+def test_a_grid_sweep_killed_mid_job_resumes_under_its_parent_without_rerunning_finished_jobs(tmp_path, tracking_uri):
+    budget = [o for o in TINY_RUN if not o.startswith("trainer.max_env_steps=")] + [
+        "trainer.max_env_steps=4096", "trainer.stop_when_solved=false", "trainer.checkpoint_interval_env_steps=1024"]
+    grid = ("+experiment=dqn", "seed=0,1,2", *budget)
+    sweep = start_module("rl_pipeline", "-m", *grid, f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path,
+                         tracking_uri=tracking_uri, start_new_session=True)
+    try:
+        said = "".join(read_until(sweep, f"{tmp_path / 'sweep' / '1'}/checkpoints/last.ckpt at 1024 env steps"))
+        os.killpg(sweep.pid, signal.SIGKILL)
+        sweep.wait(timeout=60)
+    finally:
+        sweep.kill()
+    sweep_id = re.search(r"MLflow sweep (\w+):", said).group(1)
+    _, before = parent_and_children(all_runs(tracking_uri))
+    before = {run.data.params["seed"]: run for run in before}
+    assert before["0"].info.status == "FINISHED" and before["1"].info.status == "RUNNING" and "2" not in before
+
+    run_sweep(*grid, f"resume={sweep_id}", cwd=tmp_path, tracking_uri=tracking_uri)
+    parent, after = parent_and_children(all_runs(tracking_uri))
+    after = {run.data.params["seed"]: run for run in after}
+    assert parent.info.run_id == sweep_id and parent.info.status == "FINISHED" and sorted(after) == ["0", "1", "2"]
+    assert after["0"].info.run_id == before["0"].info.run_id and after["0"].info.end_time == before["0"].info.end_time
+    assert after["1"].info.run_id == before["1"].info.run_id  # resumed from its checkpoint, not started anew
+    client = mlflow.MlflowClient(tracking_uri)
+    for run in after.values():
+        assert run.info.status == "FINISHED" and run.data.metrics["final/env_steps"] == 4096
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/epsilon")]
+        assert steps == list(range(256, 4097, 256))  # every iteration once, the resumed run's too

@@ -59,6 +59,14 @@ def export(cfg: DictConfig, agent: OffPolicyAgent, best: ModelCheckpoint, last: 
     return score
 
 
+def export_pruned(cfg: DictConfig, agent: OffPolicyAgent, last: Path, started: float) -> None:
+    """What a pruned trial keeps: its last checkpoint and its curves; no policy, and no test episodes spent on it."""
+    log.info("Pruned: keeping the last checkpoint and the curves of MLflow run %s", mlflow.active_run().info.run_id)
+    mlflow.log_artifact(str(last), "checkpoints")
+    log_new_metrics({"final/env_steps": agent.env_steps, "final/wall_seconds": time.perf_counter() - started})
+    mlflow_runs.log_learning_curve(mlflow.active_run().info.run_id, Path(cfg.paths.output_dir))
+
+
 def log_new_metrics(metrics: dict[str, float], model_id: str | None = None) -> None:
     """One value each, at step 0 (MLflow's UI charts such metrics as bars, not as one-dot lines).
 
@@ -83,10 +91,11 @@ def log_plots(cfg: DictConfig, policy: nn.Module) -> None:
         mlflow.log_artifact(str(gif))
 
 
-def summary(run: mlflow.ActiveRun, score: Score, env_steps: int, started: float, uri: str) -> str:
-    """The run's last line: its result, and where to see it."""
+def summary(run: mlflow.ActiveRun, score: Score | None, env_steps: int, started: float, uri: str) -> str:
+    """The run's last line: its result (None: pruned, untested), and where to see it."""
     page = views.run_link(views.ui_address(uri), run.info.experiment_id, run.info.run_id)
+    result = f"test return {score} on held-out seeds" if score is not None else "pruned by Optuna, not tested"
     return (
-        f"MLflow run {run.info.run_id}: test return {score} on held-out seeds, {env_steps} env steps, "
+        f"MLflow run {run.info.run_id}: {result}, {env_steps} env steps, "
         f"{time.perf_counter() - started:.1f} s wall, store {uri}, open {views.where_to_look(uri, page)}"
     )

@@ -17,6 +17,7 @@ from mlflow.entities import Metric, Param, RunStatus
 from omegaconf import DictConfig, OmegaConf
 
 from rl_pipeline.errors import ConfigError
+from rl_pipeline.run import search
 from rl_pipeline.run.jobs import exit_on, mark_sweep_interrupted, sweep_interrupted
 from rl_pipeline.tracking import comparison, mlflow_runs, store, views
 
@@ -48,23 +49,25 @@ class MLflowSweep(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         uri = store.tracking_uri()
-        check_launcher(config, uri)
+        launcher = check_launcher(config, uri)
+        if search.is_search(config):
+            try:
+                search.check(config, uri, same_machine=launcher in SAME_MACHINE_LAUNCHERS)
+            except ConfigError as error:
+                exit_on(error)
         client = mlflow_runs.client(uri)
-        overrides = list(config.hydra.overrides.task)
+        overrides = [o for o in config.hydra.overrides.task if mlflow_runs.override_key(o) != "resume"]
         keys = swept_keys(overrides, OmegaConf.select(config, "hydra.sweeper.params"))
-        swept = [o for o in overrides if mlflow_runs.override_key(o) in keys]  # empty for a sweeper's search space
         experiment_id = mlflow_runs.experiment_id(config.logger.experiment_name, uri)
-        parent = client.create_run(
-            experiment_id,
-            run_name="sweep " + (" ".join(swept) or "over " + ", ".join(keys)),
-            tags={"overrides": " ".join(overrides), "sweep_role": "parent", comparison.SWEPT_KEYS_TAG: json.dumps(keys)},
-        )
+        if config.resume is None:
+            parent = new_parent(client, experiment_id, overrides, keys)
+        else:
+            parent = reopened_parent(client, experiment_id, config.resume)
+            keys = json.loads(parent.data.tags[comparison.SWEPT_KEYS_TAG])
         self.parent_run_id, self.swept_keys = parent.info.run_id, keys
-        group = f"{parent.info.run_name} {self.parent_run_id[:8]}"  # two sweeps of one command stay apart
-        client.set_tag(self.parent_run_id, "sweep_id", self.parent_run_id)
-        client.set_tag(self.parent_run_id, mlflow_runs.GROUP_TAG, group)
-        views.save_sweep_view(client, experiment_id, self.parent_run_id, keys)
+        group = parent.data.tags[mlflow_runs.GROUP_TAG]
         sweep = {"parent_run_id": self.parent_run_id, "swept_keys": keys, "group": group}
+        self.command_line = [*config.hydra.overrides.hydra, *overrides]  # as typed: the sweepers' settings too
         set_in_jobs(config, {  # what each job needs, wherever the launcher runs it
             f"hydra.job.env_set.{mlflow_runs.SWEEP_ENV}": json.dumps(sweep),
             "hydra.job.env_set.MLFLOW_TRACKING_URI": uri,
@@ -73,7 +76,8 @@ class MLflowSweep(Callback):
         # Hydra skips on_multirun_end when a job raises or the sweep is interrupted: never leave the parent RUNNING.
         atexit.register(self.close_if_open, client)
         self.sweep_dir = Path(config.hydra.sweep.dir).resolve()
-        self.jobs_here = OmegaConf.select(config, "hydra.launcher._target_") == BASIC_LAUNCHER
+        self.jobs_here = launcher == BASIC_LAUNCHER
+        self.searching = search.is_search(config)
         self.previous_sigint = signal.signal(signal.SIGINT, self.interrupt)
         log.info("MLflow sweep %s: child runs nest under it; watch them at %s", self.parent_run_id, self.link(uri, experiment_id))
 
@@ -111,7 +115,8 @@ class MLflowSweep(Callback):
         finished = [run for run in children if run.info.status == "FINISHED"]
         if finished:
             self.summarize(client, children, Path(config.hydra.sweep.dir) / "comparison", parent)
-        failed = [run for run in children if run.info.status != "FINISHED"]
+        # A search's trials lost with a stopped sweep were asked again when it resumed: listed, not failures.
+        failed = [run for run in children if run.info.status != "FINISHED" and search.LOST not in run.data.tags]
         ok = children and not failed
         client.set_terminated(self.parent_run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
         atexit.unregister(self.close_if_open)
@@ -129,7 +134,11 @@ class MLflowSweep(Callback):
         atexit.unregister(self.close_if_open)
         killed = [run for run in children if run.info.status == "KILLED"]
         finished = sum(run.info.status == "FINISHED" for run in children)
-        resumes = "; ".join(mlflow_runs.resume_command(run.data.tags.get("overrides", ""), run.info.run_id) for run in killed)
+        if self.searching:  # the study goes on as a whole: its lost trials are asked again
+            resumes = mlflow_runs.resume_command(["-m", *self.command_line], self.parent_run_id)
+        else:
+            resumes = "; ".join(mlflow_runs.resume_command(run.data.tags.get("overrides", "").split(), run.info.run_id)
+                                for run in killed)
         print(f"Sweep {self.parent_run_id} interrupted: {finished} runs finished, {len(killed)} KILLED with their "
               f"checkpoints" + (f"; go on with: {resumes}" if killed else ""), file=sys.stderr)
         sys.exit(1)
@@ -158,8 +167,34 @@ class MLflowSweep(Callback):
             client.set_tag(self.parent_run_id, f"best.{key}", best_params.get(key))
 
 
-def check_launcher(config: DictConfig, uri: str) -> None:
-    """The launcher must be installed, and be able to reach the store from wherever it runs jobs."""
+def new_parent(client: mlflow.MlflowClient, experiment_id: str, overrides: list[str], keys: list[str]):
+    """A new sweep's parent run, named by what the sweep varies."""
+    swept = [o for o in overrides if mlflow_runs.override_key(o) in keys]  # empty for a sweeper's search space
+    parent = client.create_run(
+        experiment_id,
+        run_name="sweep " + (" ".join(swept) or "over " + ", ".join(keys)),
+        tags={"overrides": " ".join(overrides), "sweep_role": "parent", comparison.SWEPT_KEYS_TAG: json.dumps(keys)},
+    )
+    run_id = parent.info.run_id
+    client.set_tag(run_id, "sweep_id", run_id)
+    client.set_tag(run_id, mlflow_runs.GROUP_TAG, f"{parent.info.run_name} {run_id[:8]}")  # two sweeps of one command stay apart
+    views.save_sweep_view(client, experiment_id, run_id, keys)
+    return client.get_run(run_id)
+
+
+def reopened_parent(client: mlflow.MlflowClient, experiment_id: str, sweep_id: str):
+    """`resume=<sweep id>`: the sweep's parent run, RUNNING again; its jobs go on under it."""
+    parent = mlflow_runs.run_or_none(client, str(sweep_id))
+    if parent is None or parent.data.tags.get("sweep_role") != "parent" or parent.info.experiment_id != experiment_id:
+        exit_on(ConfigError("resume", f"expected the id of a sweep's parent run in this experiment (the id "
+                            f"'MLflow sweep ID' printed), got {sweep_id}"))
+    client.update_run(parent.info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    log.info("Resuming sweep %s", parent.info.run_id)
+    return parent
+
+
+def check_launcher(config: DictConfig, uri: str) -> str:
+    """The launcher must be installed, and be able to reach the store from wherever it runs jobs; its class."""
     target = str(OmegaConf.select(config, "hydra.launcher._target_"))
     module, _, name = target.rpartition(".")
     try:
@@ -171,6 +206,7 @@ def check_launcher(config: DictConfig, uri: str) -> None:
     if store.sqlite_path(uri) is not None and target not in SAME_MACHINE_LAUNCHERS:
         exit_on(ConfigError("MLFLOW_TRACKING_URI", f"expected an MLflow server (http://HOST:PORT) that every job can "
                             f"reach, got the SQLite file {uri}, which {name}'s jobs on other machines cannot"))
+    return target
 
 
 def set_in_jobs(config: DictConfig, settings: dict[str, str]) -> None:
@@ -181,8 +217,8 @@ def set_in_jobs(config: DictConfig, settings: dict[str, str]) -> None:
     reach them as hydra.job.env_set, which Hydra sets around the job where it runs.
     """
     for key, value in settings.items():
-        escaped = value.replace("\\", "\\\\").replace("'", "\\'")
-        config.hydra.overrides.hydra.append(f"++{key}='{escaped}'")
+        config.hydra.overrides.hydra.append(mlflow_runs.quoted_override(f"++{key}", value))
+        OmegaConf.update(config, key, value, force_add=True)  # and in this one, for the sweeper
 
 
 def shared_params(children: list) -> list[Param]:

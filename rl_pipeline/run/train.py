@@ -2,6 +2,7 @@
 
 import inspect
 import logging
+import math
 import sys
 import time
 import warnings
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import mlflow
 import pytorch_lightning as pl
+from mlflow.entities import Run
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
@@ -27,9 +29,10 @@ from rl_pipeline.run.checkpoints import (
     find_resume_checkpoint,
 )
 from rl_pipeline.run.config import build, check_plain_types, check_settings, target_of
-from rl_pipeline.run.export import export, restore_trained, summary
+from rl_pipeline.run.export import export, export_pruned, restore_trained, summary
 from rl_pipeline.run.jobs import in_multirun
-from rl_pipeline.tracking import mlflow_runs, store
+from rl_pipeline.run.trial import tag_outcome, trial_pruning
+from rl_pipeline.tracking import comparison, mlflow_runs, store
 from rl_pipeline.validation import expected
 
 log = logging.getLogger(__name__)
@@ -111,7 +114,7 @@ def fit(trainer: pl.Trainer, agent: OffPolicyAgent, resume_path: Path | None, la
 
 
 def train(cfg: DictConfig) -> float:
-    """Train one agent, or resume one; return its test score's mean return (the objective for sweepers).
+    """Train one agent, or resume one; return its test score's mean return (NaN for a pruned trial).
 
     Every check comes before the MLflow run exists; inside it, SIGTERM ends the run KILLED and
     resumable, and the run is FINISHED only once its policy, checkpoints and plots are stored.
@@ -121,9 +124,13 @@ def train(cfg: DictConfig) -> float:
     uri = store.tracking_uri()
     store.check_store(uri)
     mlflow_runs.bound_server_wait(cfg.logger.server_timeout_s)
+    target, finished = resume_target(cfg, uri)
+    if finished is not None:  # a resumed sweep's job that finished before the sweep stopped: not run again
+        print(f"MLflow run {finished.info.run_id} finished this job before the sweep stopped; not run again")
+        return finished.data.metrics.get("test/return_mean", math.nan)
     resume = None
-    if cfg.resume is not None:
-        resume = find_resume_checkpoint(cfg.resume, mlflow_runs.resolved_config(cfg), cfg.logger.experiment_name, uri)
+    if target is not None:
+        resume = find_resume_checkpoint(target, mlflow_runs.resolved_config(cfg), cfg.logger.experiment_name, uri)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     agent = build_agent(cfg)
     # A resumed run keeps writing where it started, so Lightning restores its callbacks' state.
@@ -132,6 +139,9 @@ def train(cfg: DictConfig) -> float:
     best = relied_on(callbacks, "best_checkpoint", ModelCheckpoint)  # its best is the policy exported
     last = relied_on(callbacks, "last_checkpoint", ResumableCheckpoint)  # what resume= continues from
     last.run_config = mlflow_runs.resolved_config(cfg)
+    pruning = trial_pruning()  # None unless this job is a trial of an Optuna search
+    if pruning is not None:
+        callbacks["prune_trial"] = pruning
     trainer = build_trainer(cfg, agent, list(callbacks.values()))
 
     # One process per run (a second resume is refused); from the run's creation on, SIGTERM ends it KILLED.
@@ -151,18 +161,42 @@ def train(cfg: DictConfig) -> float:
                 else:
                     with sigterm.lightning_fit():
                         fit(trainer, agent, resume and resume.path, last.path)
-                score = export(cfg, agent, best, last.path, started)
+                if pruning is not None and pruning.pruned_at is not None:
+                    export_pruned(cfg, agent, last.path, started)
+                    score = None
+                else:
+                    score = export(cfg, agent, best, last.path, started)
+                if pruning is not None:
+                    tag_outcome(pruning)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C or SIGTERM: the run is KILLED, its checkpoint kept
         if run is not None and not in_multirun():  # a sweep says it once for all its jobs
             print(interrupted(run.info.run_id, last), file=sys.stderr)
         raise
 
     print(summary(run, score, agent.env_steps, started, uri))
-    return score.mean
+    return score.mean if score is not None else math.nan
+
+
+def resume_target(cfg: DictConfig, uri: str) -> tuple[str | None, Run | None]:
+    """What `resume` names for this job, and the run that already did it.
+
+    In a sweep resumed with resume=<sweep id>, a job goes on with its own earlier run: none there, a
+    new run; FINISHED, nothing to do; KILLED or left RUNNING, resumed from its checkpoint; FAILED, run anew.
+    """
+    sweep = mlflow_runs.current_sweep()
+    if cfg.resume is None or not sweep or str(cfg.resume) != sweep["parent_run_id"]:
+        return cfg.resume, None
+    overrides = " ".join(o for o in mlflow_runs.task_overrides() if mlflow_runs.override_key(o) != "resume")
+    client = mlflow_runs.client(uri)
+    earlier = [run for run in comparison.sweep_children(client, client.get_run(sweep["parent_run_id"]))
+               if run.data.tags.get("overrides") == overrides]
+    done = next((run for run in earlier if run.info.status == "FINISHED"), None)
+    stopped = next((run for run in earlier if run.info.status in ("KILLED", "RUNNING") and CHECKPOINT_TAG in run.data.tags), None)
+    return (stopped.info.run_id if stopped and not done else None), done
 
 
 def interrupted(run_id: str, last: ResumableCheckpoint) -> str:
     """The last line of an interrupted run: what is kept, and the command that goes on with it."""
-    command = mlflow_runs.resume_command(" ".join(mlflow_runs.task_overrides()), run_id)
+    command = mlflow_runs.resume_command(mlflow_runs.task_overrides(), run_id)
     return (f"Interrupted: MLflow run {run_id} is KILLED, {last.path} holds it at {last.saved_at_env_steps} env steps; "
             f"go on with: {command}")

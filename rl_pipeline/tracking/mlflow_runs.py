@@ -32,6 +32,7 @@ from rl_pipeline.tracking.plots import Curve, plot_curves
 from rl_pipeline.tracking.store import sqlite_path, tracking_uri
 
 SWEEP_ENV = "RL_PIPELINE_SWEEP"  # set by the sweep callback for the jobs it launches
+TRIAL_ENV = "RL_PIPELINE_TRIAL"  # set by the Optuna sweeper for each trial's job: {"study", "trial_id", "number"}
 ERROR_TAG = "error"  # on a FAILED run: the one line that said why
 # What the experiment's view draws one curve (and band) for: a sweep's name for its runs, a run's own name otherwise.
 GROUP_TAG = "group"
@@ -128,10 +129,16 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def resume_command(overrides: str, run_id: str) -> str:
-    """The command that goes on with a run, given the overrides it was started with (its tag `overrides`)."""
-    kept = [shlex.quote(override) for override in overrides.split() if override_key(override) != "resume"]
+def resume_command(overrides: list[str], run_id: str) -> str:
+    """The command that goes on with a run (or a sweep), given the overrides it was started with."""
+    kept = [shlex.quote(override) for override in overrides if override_key(override) != "resume"]
     return " ".join(["python -m rl_pipeline", *kept, f"resume={run_id}"])
+
+
+def quoted_override(key: str, value: str) -> str:
+    """`key='value'`, quoted for Hydra's override parser whatever the value holds."""
+    escaped = value.replace("\\", "\\\\").replace("'", "\\'")
+    return f"{key}='{escaped}'"
 
 
 def run_name(cfg: DictConfig, overrides: list[str]) -> str:
@@ -149,6 +156,12 @@ def current_sweep() -> dict | None:
         return None
     sweep = os.environ.get(SWEEP_ENV)
     return json.loads(sweep) if sweep else None
+
+
+def current_trial() -> dict | None:
+    """{"study", "trial_id", "number"} when this job is a trial of an Optuna sweep (see run/search.py)."""
+    trial = os.environ.get(TRIAL_ENV) if current_sweep() else None
+    return json.loads(trial) if trial else None
 
 
 @contextmanager
@@ -222,11 +235,13 @@ def experiment_id(name: str, uri: str) -> str:
 
 def new_run_name_and_tags(cfg: DictConfig) -> tuple[str, dict[str, str]]:
     """A job's run name and tags; in a sweep, a child of the sweep's parent, named by what the sweep varies."""
-    overrides = task_overrides()
+    overrides = [override for override in task_overrides() if override_key(override) != "resume"]
     tags = {"overrides": " ".join(overrides), "torch_threads": str(torch.get_num_threads())}
     sweep = current_sweep()
     if sweep:
         tags |= {"mlflow.parentRunId": sweep["parent_run_id"], "sweep_id": sweep["parent_run_id"]}
+    if trial := current_trial():
+        tags |= {"optuna.trial_number": str(trial["number"]), "optuna.trial_state": "RUNNING"}
         overrides = [o for o in overrides if override_key(o) in sweep["swept_keys"]]
     name = cfg.logger.run_name or run_name(cfg, overrides)
     return name, {**tags, GROUP_TAG: sweep["group"] if sweep else name}
