@@ -240,9 +240,9 @@ def new_run_name_and_tags(cfg: DictConfig) -> tuple[str, dict[str, str]]:
     sweep = current_sweep()
     if sweep:
         tags |= {"mlflow.parentRunId": sweep["parent_run_id"], "sweep_id": sweep["parent_run_id"]}
+        overrides = [o for o in overrides if override_key(o) in sweep["swept_keys"]]
     if trial := current_trial():
         tags |= {"optuna.trial_number": str(trial["number"]), "optuna.trial_state": "RUNNING"}
-        overrides = [o for o in overrides if override_key(o) in sweep["swept_keys"]]
     name = cfg.logger.run_name or run_name(cfg, overrides)
     return name, {**tags, GROUP_TAG: sweep["group"] if sweep else name}
 
