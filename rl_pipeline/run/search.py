@@ -276,21 +276,23 @@ class Search:
             never_started = run is None and (self.resuming or sweep_interrupted(self.sweep_dir))
             self.fail(number, run, lost=status in ("KILLED", "RUNNING") or never_started)
 
+    # The run first, then the study: a sweep killed in between leaves the trial RUNNING, which a resume
+    # settles again from the run.
     def tell(self, number: int, run, state: TrialState, value: float | None = None) -> None:
-        self.study.tell(number, value, state=state)
         self.client.set_tag(run.info.run_id, STATE_TAG, state.name)
+        self.study.tell(number, value, state=state)
 
     def fail(self, number: int, run, lost: bool) -> None:
         """A FAIL trial; `lost`: its job died with the sweep (its run KILLED), not of its configuration."""
-        if lost:
-            self.study._storage.set_trial_user_attr(self.study.trials[number]._trial_id, LOST, True)
-        self.study.tell(number, state=TrialState.FAIL)
         if run is not None:
             if run.info.status == "RUNNING":
                 self.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
             self.client.set_tag(run.info.run_id, STATE_TAG, TrialState.FAIL.name)
             if lost:
                 self.client.set_tag(run.info.run_id, LOST, "true")
+        if lost:
+            optuna.Trial(self.study, self.study.trials[number]._trial_id).set_user_attr(LOST, True)
+        self.study.tell(number, state=TrialState.FAIL)
 
     def settle_lost(self) -> None:
         """Resuming: the trials the crashed sweep left RUNNING are told what their runs became."""
