@@ -52,7 +52,7 @@ for name, node in PRUNERS.items():
 
 class OptunaSweeper(Sweeper):
     def __init__(self, **settings: Any):
-        self.settings = settings
+        """Hydra passes the sweeper's config as arguments: the search reads it from the config, as each job does."""
 
     def setup(self, *, hydra_context, task_function, config) -> None:
         from hydra.core.plugins import Plugins
