@@ -178,7 +178,7 @@ def test_the_storage_tag_holds_no_password():
     assert search.without_password(url) == "postgresql+psycopg://lab@db.example:5432/optuna"
 
 
-def search_runs(tracking_uri: str):
+def search_trials(tracking_uri: str):
     """The search's parent, and its children by trial number (each number once)."""
     parent, children = parent_and_children(all_runs(tracking_uri))
     numbers = [int(run.data.tags[search.NUMBER_TAG]) for run in children]
@@ -191,7 +191,7 @@ def test_a_search_prunes_the_trials_that_cannot_learn_and_keeps_their_runs(tmp_p
     result = run_module("rl_pipeline", "-m", *PRUNABLE, "hydra.sweeper.n_trials=4", cwd=tmp_path, tracking_uri=tracking_uri)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    parent, trials = search_runs(tracking_uri)
+    parent, trials = search_trials(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
     study = optuna.load_study(study_name=parent.data.tags[search.STUDY_TAG], storage=parent.data.tags[search.STORAGE_TAG])
     assert parent.data.tags[search.STORAGE_TAG] == f"sqlite:///{tmp_path / 'optuna.db'}"  # beside the MLflow store
@@ -231,14 +231,14 @@ def test_a_search_killed_mid_trial_resumes_its_study_and_parent_running_every_tr
     finally:
         sweep.kill()
     sweep_id = re.search(r"MLflow sweep (\w+):", said).group(1)
-    parent, trials = search_runs(tracking_uri)
+    parent, trials = search_trials(tracking_uri)
     assert parent.info.status == "RUNNING" and trials[1].info.status == "RUNNING"
 
     resumed = run_module("rl_pipeline", "-m", *search_args, f"resume={sweep_id}", cwd=tmp_path, tracking_uri=tracking_uri)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resuming sweep {sweep_id}: trials 1 were running when it stopped" in resumed.stderr
 
-    parent, trials = search_runs(tracking_uri)
+    parent, trials = search_trials(tracking_uri)
     assert parent.info.run_id == sweep_id and parent.info.status == "FINISHED"
     assert sorted(trials) == [0, 1, 2, 3]  # trial 1 lost with the sweep, asked again as trial 3
     assert trials[1].info.status == "KILLED" and trials[1].data.tags[search.STATE_TAG] == "FAIL"
@@ -267,7 +267,7 @@ def test_a_search_under_joblib_runs_two_trials_at_a_time_on_one_sqlite_study(tmp
     result = run_module("rl_pipeline", "-m", *PRUNABLE, "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2",
                         "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", cwd=tmp_path, tracking_uri=tracking_uri)
     assert result.returncode == 0, result.stderr[-3000:]
-    parent, trials = search_runs(tracking_uri)
+    parent, trials = search_trials(tracking_uri)
     study = optuna.load_study(study_name=parent.data.tags[search.STUDY_TAG], storage=parent.data.tags[search.STORAGE_TAG])
     assert {t.number: t.state.name for t in study.trials} == {n: run.data.tags[search.STATE_TAG] for n, run in trials.items()}
     assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials) == 4 and len(study.trials) == 4
@@ -308,7 +308,7 @@ def test_ctrl_c_on_a_search_says_how_to_resume_the_sweep_and_that_command_comple
         line = sweep.stderr.read().strip().splitlines()[-1]
     finally:
         sweep.kill()
-    parent, trials = search_runs(tracking_uri)
+    parent, trials = search_trials(tracking_uri)
     assert parent.info.status == "KILLED" and trials[1].info.status == "KILLED"
     assert trials[1].data.tags[search.STATE_TAG] == "FAIL" and trials[1].data.tags[search.LOST] == "true"
     command = re.search(r"go on with: python -m rl_pipeline (.+)$", line).group(1)
@@ -316,6 +316,6 @@ def test_ctrl_c_on_a_search_says_how_to_resume_the_sweep_and_that_command_comple
 
     resumed = run_module("rl_pipeline", *shlex.split(command), cwd=tmp_path, tracking_uri=tracking_uri)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    parent, trials = search_runs(tracking_uri)
+    parent, trials = search_trials(tracking_uri)
     assert parent.info.status == "FINISHED" and sorted(trials) == [0, 1, 2]
     assert [trials[n].data.tags[search.STATE_TAG] for n in (0, 1, 2)] == ["COMPLETE", "FAIL", "COMPLETE"]
