@@ -115,13 +115,14 @@ def test_submitit_local_sweep_runs_the_same_four_jobs(tmp_path, lab_server, subm
 @pytest.mark.submitit
 def test_eight_jobs_logging_at_once_to_the_postgres_backed_server_lose_nothing(tmp_path, lab_server, submitit):
     run_sweep("hydra/launcher=submitit_local", "hydra.launcher.cpus_per_task=1", "+experiment=dqn",
-              "seed=range(8)", *TINY_RUN, "trainer.test_episodes=5", experiment="eight", server=lab_server, cwd=tmp_path)
+              "seed=range(8)", *TINY_RUN, "trainer.max_env_steps=2048",  # long enough for 8 process starts to overlap
+              "trainer.test_episodes=5", experiment="eight", server=lab_server, cwd=tmp_path)
 
     client, parent, children = sweep_in_store(lab_server, "eight", jobs=8)
     assert max(run.info.start_time for run in children) < min(run.info.end_time for run in children), \
         "the 8 jobs ran at once"
     for run in children:
-        for key, logged in (("train/epsilon", 4), ("eval/return_mean", 2), ("test/return_mean", 1)):
+        for key, logged in (("train/epsilon", 8), ("eval/return_mean", 4), ("test/return_mean", 1)):
             steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
             assert len(steps) == logged and len(set(steps)) == logged, (key, steps)
     assert sorted(run.data.params["seed"] for run in children) == [str(seed) for seed in range(8)]
