@@ -51,10 +51,7 @@ def export(cfg: DictConfig, agent: OffPolicyAgent, best: ModelCheckpoint, last: 
     )
     # The policy's own metrics go with its model too, so that the Models tab ranks policies.
     log_new_metrics({**score.metrics("test"), "final/policy_env_steps": policy_env_steps}, model_id=model_id)
-    run_metrics = {"final/env_steps": agent.env_steps, "final/wall_seconds": time.perf_counter() - started}
-    if agent.solved_env_steps is not None:
-        run_metrics["final/solved_env_steps"] = agent.solved_env_steps
-    log_new_metrics(run_metrics)
+    log_new_metrics(run_metrics(agent, started))
     log_plots(cfg, policy)
     return score
 
@@ -63,8 +60,16 @@ def export_pruned(cfg: DictConfig, agent: OffPolicyAgent, last: Path, started: f
     """What a pruned trial keeps: its last checkpoint and its curves; no policy, and no test episodes spent on it."""
     log.info("Pruned: keeping the last checkpoint and the curves of MLflow run %s", mlflow.active_run().info.run_id)
     mlflow.log_artifact(str(last), "checkpoints")
-    log_new_metrics({"final/env_steps": agent.env_steps, "final/wall_seconds": time.perf_counter() - started})
+    log_new_metrics(run_metrics(agent, started))
     mlflow_runs.log_learning_curve(mlflow.active_run().info.run_id, Path(cfg.paths.output_dir))
+
+
+def run_metrics(agent: OffPolicyAgent, started: float) -> dict[str, float]:
+    """How long the run trained, in env steps and seconds, and when it was solved (if it was)."""
+    metrics = {"final/env_steps": agent.env_steps, "final/wall_seconds": time.perf_counter() - started}
+    if agent.solved_env_steps is not None:
+        metrics["final/solved_env_steps"] = agent.solved_env_steps
+    return metrics
 
 
 def log_new_metrics(metrics: dict[str, float], model_id: str | None = None) -> None:
