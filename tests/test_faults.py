@@ -28,7 +28,8 @@ from conftest import (
     start_module,
 )
 
-from rl_pipeline.run.checkpoints import LAST, AtomicCheckpointIO, RunLock, read_checkpoint
+from rl_pipeline.run.checkpoints import LAST, AtomicCheckpointIO, read_checkpoint
+from rl_pipeline.run.locks import RunLock
 
 pytestmark = pytest.mark.slow  # each runs the CLI into a fault: a kill, a lost server, a full disk, a damaged store
 

@@ -282,3 +282,28 @@ def test_a_grid_sweep_killed_mid_job_resumes_under_its_parent_without_rerunning_
         assert run.info.status == "FINISHED" and run.data.metrics["final/env_steps"] == 4096
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/epsilon")]
         assert steps == list(range(256, 4097, 256))  # every iteration once, the resumed run's too
+
+
+def test_a_sweep_is_not_resumed_while_its_process_still_runs_it(tmp_path, tracking_uri):
+    grid = ("+experiment=dqn", "seed=0,1", *TINY_RUN)
+    sweep = start_module("rl_pipeline", "-m", *grid, f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path,
+                         tracking_uri=tracking_uri, start_new_session=True)
+    try:
+        said = "".join(read_until(sweep, "MLflow sweep "))
+        os.killpg(sweep.pid, signal.SIGSTOP)  # alive, and holding the sweep, while a second process tries it
+        sweep_id = re.search(r"MLflow sweep (\w+):", said).group(1)
+        refused = run_module("rl_pipeline", "-m", *grid, f"resume={sweep_id}", cwd=tmp_path, tracking_uri=tracking_uri)
+        parent, children = parent_and_children(all_runs(tracking_uri))
+        os.killpg(sweep.pid, signal.SIGCONT)
+        sweep.communicate(timeout=300)
+    finally:
+        sweep.kill()
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"Config error: resume: sweep {sweep_id} is being run by another process on this machine (pid {sweep.pid}); "
+        "resume it once that process has stopped")
+    assert parent.info.status == "RUNNING" and len(children) <= 1  # as the first process left it: no job started twice
+
+    assert sweep.returncode == 0
+    parent, children = parent_and_children(all_runs(tracking_uri))
+    assert parent.info.status == "FINISHED" and sorted(run.data.params["seed"] for run in children) == ["0", "1"]

@@ -7,7 +7,6 @@ refuses another config.
 Every file ends in a SHA-256 of what precedes it, checked before it is loaded.
 """
 
-import fcntl
 import hashlib
 import logging
 import os
@@ -35,7 +34,6 @@ from rl_pipeline.validation import expected
 log = logging.getLogger(__name__)
 
 LAST = "last.ckpt"
-LOCK = ".lock"  # held by the one process that trains a run
 CHECKSUM = b"rl_pipeline sha256:"  # the trailer's prefix; the 32-byte digest follows
 TRAILER_BYTES = len(CHECKSUM) + 32
 CHECKPOINT_TAG = "checkpoint"  # on each MLflow run: the path of its last.ckpt
@@ -111,49 +109,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 raise writer.error from None
             raise
         os.replace(partial.name, path)
-
-
-class RunLock:
-    """An exclusive lock on a run's checkpoint folder, held while a process trains the run.
-
-    The kernel drops it when the process ends, however it ends, so a killed run can be resumed
-    at once while a live one (or a resume in progress) cannot be resumed a second time, and two
-    new runs never write into one folder. `key` is the setting that chose the folder.
-    """
-
-    def __init__(self, directory: Path, key: str = "resume"):
-        self.path = Path(directory) / LOCK
-        self.key = key
-        self.file = None
-
-    def acquire(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "unknown"
-            self.file.close()
-            raise ConfigError(
-                self.key, f"the run in {self.path.parent} is being trained by another process (pid {holder}); "
-                + ("resume it once that process has stopped" if self.key == "resume" else "give this run its own folder")
-            ) from None
-        self.file.truncate(0)
-        self.file.write(str(os.getpid()))
-        self.file.flush()
-        return self
-
-    def release(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire()
-
-    def __exit__(self, *exc_info) -> None:
-        self.release()
 
 
 class ResumableCheckpoint(pl.Callback):

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from rl_pipeline.errors import ConfigError
 from rl_pipeline.run import search
 from rl_pipeline.run.jobs import exit_on, mark_sweep_interrupted, sweep_interrupted
+from rl_pipeline.run.locks import SweepLock
 from rl_pipeline.tracking import comparison, mlflow_runs, store, views
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,15 @@ class MLflowSweep(Callback):
         experiment_id = mlflow_runs.experiment_id(config.logger.experiment_name, uri)
         if config.resume is None:
             parent = new_parent(client, experiment_id, overrides, keys)
+            self.lock = SweepLock(parent.info.run_id).acquire()
         else:
-            parent = reopened_parent(client, experiment_id, config.resume)
+            parent = sweep_parent(client, experiment_id, config.resume)
+            try:  # held to this process's end: the kernel drops it however the process ends
+                self.lock = SweepLock(parent.info.run_id).acquire()
+            except ConfigError as error:
+                exit_on(error)
+            client.update_run(parent.info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            log.info("Resuming sweep %s", parent.info.run_id)
             keys = json.loads(parent.data.tags[comparison.SWEPT_KEYS_TAG])
         self.parent_run_id, self.swept_keys = parent.info.run_id, keys
         group = parent.data.tags[mlflow_runs.GROUP_TAG]
@@ -182,14 +190,12 @@ def new_parent(client: mlflow.MlflowClient, experiment_id: str, overrides: list[
     return client.get_run(run_id)
 
 
-def reopened_parent(client: mlflow.MlflowClient, experiment_id: str, sweep_id: str):
-    """`resume=<sweep id>`: the sweep's parent run, RUNNING again; its jobs go on under it."""
+def sweep_parent(client: mlflow.MlflowClient, experiment_id: str, sweep_id: str):
+    """`resume=<sweep id>`: the sweep's parent run, under which its jobs go on."""
     parent = mlflow_runs.run_or_none(client, str(sweep_id))
     if parent is None or parent.data.tags.get("sweep_role") != "parent" or parent.info.experiment_id != experiment_id:
         exit_on(ConfigError("resume", f"expected the id of a sweep's parent run in this experiment (the id "
                             f"'MLflow sweep ID' printed), got {sweep_id}"))
-    client.update_run(parent.info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-    log.info("Resuming sweep %s", parent.info.run_id)
     return parent
 
 

@@ -24,13 +24,13 @@ from rl_pipeline.run.checkpoints import (
     CHECKPOINT_TAG,
     AtomicCheckpointIO,
     ResumableCheckpoint,
-    RunLock,
     SigtermExits,
     find_resume_checkpoint,
 )
 from rl_pipeline.run.config import build, check_plain_types, check_settings, target_of
 from rl_pipeline.run.export import export, export_pruned, restore_trained, summary
 from rl_pipeline.run.jobs import in_multirun
+from rl_pipeline.run.locks import RunLock
 from rl_pipeline.run.trial import tag_outcome, trial_pruning
 from rl_pipeline.tracking import comparison, mlflow_runs, store
 from rl_pipeline.validation import expected
